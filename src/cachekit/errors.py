@@ -1,0 +1,57 @@
+"""Exceptions raised by cachekit.
+
+Every error names the setting involved, what was expected, what was received and how to fix
+it (house rule 5). Helpers here build those messages uniformly so that validators, adapters and
+the engine all speak the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CacheKitError",
+    "ConfigError",
+    "PluginError",
+    "CacheContextError",
+    "ResidualShapeError",
+    "BudgetExceededError",
+    "WeightsError",
+    "invalid_value",
+]
+
+
+class CacheKitError(Exception):
+    """Base class of every error cachekit raises on purpose."""
+
+
+class ConfigError(CacheKitError, ValueError):
+    """A configuration value is out of range, of the wrong type, or inconsistent."""
+
+
+class PluginError(CacheKitError):
+    """A plugin could not be registered or found (duplicate name, unknown name, bad hook)."""
+
+
+class CacheContextError(CacheKitError, RuntimeError):
+    """The engine was used outside a run/window, or with an inconsistent call context."""
+
+
+class ResidualShapeError(CacheKitError, ValueError):
+    """A cached residual does not fit the tensor it would be added to."""
+
+
+class BudgetExceededError(CacheKitError, MemoryError):
+    """The residual store would exceed its byte budget and is configured to raise."""
+
+
+class WeightsError(CacheKitError, OSError):
+    """Model weights are missing, truncated or fail their checksum."""
+
+
+def invalid_value(setting: str, expected: str, got: Any, fix: str | None = None) -> str:
+    """Format the standard message: ``setting: expected ..., got ...; fix``."""
+    msg = f"{setting}: expected {expected}, got {got!r}"
+    if fix:
+        msg += f". {fix}"
+    return msg

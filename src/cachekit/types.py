@@ -1,0 +1,283 @@
+"""Frozen values that cross a boundary between sampler, model adapter, engine and policies.
+
+All classes here are immutable attrs classes validated at construction: a bad value raises
+:class:`cachekit.errors.ConfigError` naming the field, the expected range and the value.
+Tensor fields compare by identity (``eq=False``) and print their shape only.
+
+Vocabulary (see ``docs/architecture.md``): a *window* is what one sampler pass denoises; a
+*chunk* is a causal block of frames sharing one timestep; a *step* is the k-th update of one
+chunk; a *branch* is a guidance pass named by the caller; a *token* is one patch of one frame,
+frame-major inside a chunk.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable, Optional, Protocol
+
+import attrs
+import torch
+
+from .errors import ConfigError, invalid_value
+
+__all__ = [
+    "ChunkState",
+    "Scope",
+    "ChunkCall",
+    "Probe",
+    "Decision",
+    "DecisionKind",
+    "IterationInfo",
+    "BlockRunner",
+    "ChunkHook",
+    "tensor_repr",
+]
+
+
+def tensor_repr(t: Any) -> str:
+    """Shape-only repr for tensor fields (values would flood logs)."""
+    if t is None:
+        return "None"
+    if isinstance(t, torch.Tensor):
+        return f"Tensor{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
+    return repr(t)
+
+
+def _check(cond: bool, setting: str, expected: str, got: Any, fix: str | None = None) -> None:
+    if not cond:
+        raise ConfigError(invalid_value(setting, expected, got, fix))
+
+
+def _non_negative_int(name: str):
+    def v(_inst, _attr, value):
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+               name, "an int >= 0", value)
+    return v
+
+
+def _positive_int(name: str):
+    def v(_inst, _attr, value):
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+               name, "an int >= 1", value)
+    return v
+
+
+class ChunkState(enum.Enum):
+    """What a chunk of the current window does in one iteration of the schedule."""
+
+    PENDING = "pending"      # not started yet (pure noise); never run in chunked mode
+    ACTIVE = "active"        # updated this iteration: one denoising step
+    FINISHED = "finished"    # all steps done; only its context K/V matters
+    PREFIX = "prefix"        # clean conditioning frames (long-video overlap)
+
+
+class Scope(enum.Enum):
+    """What one engine call covers."""
+
+    CHUNK = "chunk"    # one chunk (chunked execution; FlowCache, MotionCache)
+    WINDOW = "window"  # the whole window as one unit (vanilla execution; TeaCache)
+
+
+@attrs.frozen(kw_only=True)
+class IterationInfo:
+    """One row of the schedule as the sampler hands it to a model session.
+
+    ``states[g]`` and ``steps[g]`` describe chunk ``g`` of the window: ``steps[g]`` is the
+    number of updates chunk ``g`` had before this iteration (0..num_steps-1 while ACTIVE,
+    ``num_steps`` once FINISHED, 0 while PENDING, ``num_steps`` for PREFIX chunks).
+    """
+
+    window: int = attrs.field(validator=_non_negative_int("window"))
+    iteration: int = attrs.field(validator=_non_negative_int("iteration"))
+    num_iterations: int = attrs.field(validator=_positive_int("num_iterations"))
+    branch: str = attrs.field()
+    num_steps: int = attrs.field(validator=_positive_int("num_steps"))
+    chunk_frames: int = attrs.field(validator=_positive_int("chunk_frames"))
+    states: tuple[ChunkState, ...] = attrs.field(converter=tuple)
+    steps: tuple[int, ...] = attrs.field(converter=tuple)
+
+    @branch.validator
+    def _v_branch(self, _a, value):
+        _check(isinstance(value, str) and value != "", "branch",
+               "a non-empty string such as 'cond' or 'uncond'", value,
+               "Pass the guidance branch explicitly; cachekit never infers it from call parity.")
+
+    def __attrs_post_init__(self):
+        _check(len(self.states) == len(self.steps) and len(self.states) >= 1,
+               "IterationInfo.steps", f"one entry per chunk ({len(self.states)} states)",
+               self.steps)
+        _check(self.iteration < self.num_iterations, "iteration",
+               f"< num_iterations={self.num_iterations}", self.iteration)
+        for g, (state, step) in enumerate(zip(self.states, self.steps)):
+            _check(isinstance(state, ChunkState), f"IterationInfo.states[{g}]",
+                   "a ChunkState", state)
+            _check(0 <= step <= self.num_steps, f"IterationInfo.steps[{g}]",
+                   f"0..num_steps={self.num_steps}", step)
+            if state is ChunkState.ACTIVE:
+                _check(step < self.num_steps, f"IterationInfo.steps[{g}]",
+                       f"< num_steps={self.num_steps} for an ACTIVE chunk", step)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.states)
+
+    @property
+    def num_frames(self) -> int:
+        return self.num_chunks * self.chunk_frames
+
+    def active_chunks(self) -> list[int]:
+        return [g for g, s in enumerate(self.states) if s is ChunkState.ACTIVE]
+
+
+@attrs.frozen(kw_only=True)
+class ChunkCall:
+    """The context of one engine call: which (branch, chunk, step) is being denoised.
+
+    ``step`` is this chunk's own update index (0..num_steps-1): policies reason in steps, not
+    iterations. For ``scope=WINDOW`` (one decision for the whole window, vanilla execution)
+    ``chunk`` is 0, ``step`` is the iteration index within the window and ``num_steps`` the
+    number of iterations of the window.
+
+    ``timestep`` is the chunk's current timestep in the model's own units (for a WINDOW call,
+    the mean over the window's frames); it is informational, decisions use probe signals.
+    """
+
+    branch: str = attrs.field()
+    chunk: int = attrs.field(validator=_non_negative_int("chunk"))
+    step: int = attrs.field(validator=_non_negative_int("step"))
+    num_steps: int = attrs.field(validator=_positive_int("num_steps"))
+    window: int = attrs.field(default=0, validator=_non_negative_int("window"))
+    iteration: int = attrs.field(default=0, validator=_non_negative_int("iteration"))
+    frames: int = attrs.field(default=1, validator=_positive_int("frames"))
+    tokens_per_frame: int = attrs.field(default=1, validator=_positive_int("tokens_per_frame"))
+    timestep: float = attrs.field(default=0.0, converter=float)
+    scope: Scope = attrs.field(default=Scope.CHUNK)
+
+    @branch.validator
+    def _v_branch(self, _a, value):
+        _check(isinstance(value, str) and value != "", "branch",
+               "a non-empty string such as 'cond' or 'uncond'", value,
+               "Pass the guidance branch explicitly; cachekit never infers it from call parity.")
+
+    def __attrs_post_init__(self):
+        _check(self.step < self.num_steps, "step", f"< num_steps={self.num_steps}", self.step)
+        _check(isinstance(self.scope, Scope), "scope", "a cachekit.types.Scope", self.scope)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in this call: ``frames * tokens_per_frame`` (frame-major order)."""
+        return self.frames * self.tokens_per_frame
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """The state key: ``(branch, chunk)``."""
+        return (self.branch, self.chunk)
+
+
+@attrs.frozen(kw_only=True)
+class Probe:
+    """Cheap signals available before the blocks run, for indicators and motion estimators.
+
+    * ``modulation``: per-frame timestep modulation ``[B, F, M, D]`` (Wan's ``e0`` per frame,
+      ``M`` = 6 modulation vectors). Policies use it as the TeaCache-style indicator.
+    * ``latent``: the call's input latent ``[B, C, F, H, W]`` (or None if the adapter has none).
+    * ``grid``: the token grid ``(F, H_tokens, W_tokens)``; ``F*H*W`` equals the call's tokens.
+    * ``patch``: the spatial patch size ``(ph, pw)`` mapping latent pixels to tokens.
+    """
+
+    modulation: Optional[torch.Tensor] = attrs.field(eq=False, repr=tensor_repr, default=None)
+    latent: Optional[torch.Tensor] = attrs.field(eq=False, repr=tensor_repr, default=None)
+    grid: tuple[int, int, int] = attrs.field(converter=tuple, default=(1, 1, 1))
+    patch: tuple[int, int] = attrs.field(converter=tuple, default=(1, 1))
+
+    def __attrs_post_init__(self):
+        _check(len(self.grid) == 3 and all(isinstance(v, int) and v >= 1 for v in self.grid),
+               "Probe.grid", "(F, H_tokens, W_tokens) of positive ints", self.grid)
+        _check(len(self.patch) == 2 and all(isinstance(v, int) and v >= 1 for v in self.patch),
+               "Probe.patch", "(ph, pw) of positive ints", self.patch)
+        if self.modulation is not None:
+            _check(self.modulation.dim() == 4 and self.modulation.shape[1] == self.grid[0],
+                   "Probe.modulation", f"a [B, F={self.grid[0]}, M, D] tensor",
+                   tensor_repr(self.modulation))
+        if self.latent is not None:
+            _check(self.latent.dim() == 5 and self.latent.shape[2] == self.grid[0],
+                   "Probe.latent", f"a [B, C, F={self.grid[0]}, H, W] tensor",
+                   tensor_repr(self.latent))
+
+
+class DecisionKind(enum.Enum):
+    COMPUTE = "compute"   # run the block stack on every token
+    REUSE = "reuse"       # h_out = h_in + cached residual, no block runs
+    PARTIAL = "partial"   # run the blocks on a token subset, reuse the rest
+
+
+@attrs.frozen
+class Decision:
+    """What a policy returns for one (branch, chunk, step).
+
+    Build with :meth:`compute`, :meth:`reuse` or :meth:`subset`. ``tokens`` (PARTIAL only)
+    is a sorted, duplicate-free ``int64`` index tensor into the call's tokens; the engine
+    checks it lies inside the chunk.
+    """
+
+    kind: DecisionKind
+    tokens: Optional[torch.Tensor] = attrs.field(default=None, eq=False, repr=tensor_repr)
+    reason: str = ""
+
+    @classmethod
+    def compute(cls, reason: str = "") -> "Decision":
+        return cls(DecisionKind.COMPUTE, None, reason)
+
+    @classmethod
+    def reuse(cls, reason: str = "") -> "Decision":
+        return cls(DecisionKind.REUSE, None, reason)
+
+    @classmethod
+    def subset(cls, tokens: torch.Tensor, num_tokens: int, reason: str = "") -> "Decision":
+        """A token subset; collapses to COMPUTE (all tokens) or REUSE (no token)."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+        k = int(tokens.numel())
+        if k == 0:
+            return cls.reuse(reason)
+        if k == num_tokens:
+            return cls.compute(reason)
+        return cls(DecisionKind.PARTIAL, tokens, reason)
+
+    def __attrs_post_init__(self):
+        _check(isinstance(self.kind, DecisionKind), "Decision.kind", "a DecisionKind", self.kind)
+        if self.kind is DecisionKind.PARTIAL:
+            _check(isinstance(self.tokens, torch.Tensor) and self.tokens.dim() == 1
+                   and self.tokens.numel() > 0 and self.tokens.dtype == torch.long,
+                   "Decision.tokens", "a non-empty 1-D int64 tensor for PARTIAL",
+                   tensor_repr(self.tokens))
+        else:
+            _check(self.tokens is None, "Decision.tokens", "None unless kind is PARTIAL",
+                   tensor_repr(self.tokens))
+
+    def num_computed(self, num_tokens: int) -> int:
+        if self.kind is DecisionKind.COMPUTE:
+            return num_tokens
+        if self.kind is DecisionKind.REUSE:
+            return 0
+        return int(self.tokens.numel())
+
+
+class BlockRunner(Protocol):
+    """Runs a chunk's block stack; provided by the model adapter for each call.
+
+    * ``run(h)`` with ``h`` of shape ``[B, N, D]`` (all tokens of the call) returns the
+      block-stack output ``[B, N, D]`` (before the output head) and refreshes the chunk's
+      context K/V.
+    * ``run(h_sub, tokens)`` with ``tokens`` a sorted int64 index ``[K]`` and ``h_sub`` the
+      block inputs at those tokens ``[B, K, D]`` returns their outputs ``[B, K, D]``. The
+      subset computes Q/K/V at its true positions, writes its fresh K/V into the chunk's slot
+      and attends to the whole slot (fresh at the subset, stale elsewhere) plus earlier chunks.
+      Adapters that cannot do this raise :class:`NotImplementedError` with a clear message.
+    """
+
+    def __call__(self, h: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+
+#: The callable a model adapter invokes once per chunk (or once per window) instead of running
+#: its block stack directly: ``hook(call, h_in, run, probe) -> h_out``. The engine implements it.
+ChunkHook = Callable[[ChunkCall, torch.Tensor, BlockRunner, Probe], torch.Tensor]
