@@ -31,6 +31,7 @@ __all__ = [
     "BlockRunner",
     "ChunkHook",
     "tensor_repr",
+    "ModelSpec",
 ]
 
 
@@ -281,3 +282,42 @@ class BlockRunner(Protocol):
 #: The callable a model adapter invokes once per chunk (or once per window) instead of running
 #: its block stack directly: ``hook(call, h_in, run, probe) -> h_out``. The engine implements it.
 ChunkHook = Callable[[ChunkCall, torch.Tensor, BlockRunner, Probe], torch.Tensor]
+
+
+@attrs.frozen(kw_only=True)
+class ModelSpec:
+    """Geometry and identity of a video model, as a model adapter declares it.
+
+    The sampler and the engine derive token counts from it: a frame of ``height x width``
+    latent pixels becomes ``(height // patch[0]) * (width // patch[1])`` tokens.
+    ``chunk_frames`` is the causal block size the model was trained with and ``max_frames``
+    the longest window (in latent frames) its positions cover.
+    """
+
+    name: str = attrs.field()
+    channels: int = attrs.field(validator=_positive_int("channels"))
+    height: int = attrs.field(validator=_positive_int("height"))
+    width: int = attrs.field(validator=_positive_int("width"))
+    patch: tuple[int, int] = attrs.field(converter=tuple)
+    chunk_frames: int = attrs.field(validator=_positive_int("chunk_frames"))
+    max_frames: int = attrs.field(validator=_positive_int("max_frames"))
+    hidden: int = attrs.field(validator=_positive_int("hidden"))
+    num_blocks: int = attrs.field(validator=_positive_int("num_blocks"))
+    modulation_vectors: int = attrs.field(default=6, validator=_positive_int("modulation_vectors"))
+
+    def __attrs_post_init__(self):
+        _check(len(self.patch) == 2 and all(isinstance(v, int) and v >= 1 for v in self.patch),
+               "ModelSpec.patch", "(ph, pw) of positive ints", self.patch)
+        _check(self.height % self.patch[0] == 0 and self.width % self.patch[1] == 0,
+               "ModelSpec.patch", f"sizes dividing height={self.height} and width={self.width}",
+               self.patch)
+        _check(self.max_frames % self.chunk_frames == 0, "ModelSpec.max_frames",
+               f"a multiple of chunk_frames={self.chunk_frames}", self.max_frames)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.height // self.patch[0]) * (self.width // self.patch[1])
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        return (self.height // self.patch[0], self.width // self.patch[1])
