@@ -17,6 +17,7 @@ __all__ = [
     "ResidualShapeError",
     "BudgetExceededError",
     "WeightsError",
+    "DecisionError",
     "invalid_value",
 ]
 
@@ -47,6 +48,10 @@ class BudgetExceededError(CacheKitError, MemoryError):
 
 class WeightsError(CacheKitError, OSError):
     """Model weights are missing, truncated or fail their checksum."""
+
+
+class DecisionError(CacheKitError, ValueError):
+    """A policy returned a decision the engine cannot apply (token index out of the chunk...)."""
 
 
 def invalid_value(setting: str, expected: str, got: Any, fix: str | None = None) -> str:

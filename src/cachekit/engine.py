@@ -1,0 +1,318 @@
+"""The cache engine: applies one policy decision per (branch, chunk, step) around a block stack.
+
+A model adapter calls the engine (a :data:`~cachekit.types.ChunkHook`) instead of running its
+block stack directly::
+
+    h_out = engine(call, h_in, run, probe)
+
+The engine then
+
+1. looks up the state of ``call.key = (branch, chunk)`` (made fresh on first use in a window);
+2. asks the policy for a :class:`~cachekit.types.Decision`;
+3. applies exactly one of: compute all tokens (``run(h_in)``), reuse all (``h_in + R``), or
+   compute a token subset (``run(h_in[:, S], S)``, the rest ``h_in + R``);
+4. stores the residual ``R = h_out - h_in`` (all tokens, or the subset), lets the policy
+   observe the outcome, records statistics and notifies ``on_step_end`` plugins.
+
+Guards against the silent failures caching libraries keep hitting (each has a test):
+
+* the block input is **snapshotted** before the blocks run, so a block that works in place
+  cannot alias it (a zero residual, a NaN distance, a cache that never fires);
+* a residual is applied **exactly once**, to the whole block stack's output;
+* a residual of the **wrong shape** raises :class:`~cachekit.errors.ResidualShapeError`;
+* a **non-finite** residual is not stored; the next reuse finds nothing and recomputes
+  (counted as ``missing_residual`` / ``nonfinite_residual`` in the summary, logged);
+* calls outside ``begin_run``/``begin_window`` raise :class:`~cachekit.errors.CacheContextError`;
+  the branch always comes from the caller; a (branch, chunk, step) decided twice in a window
+  is an error (a missing ``begin_window`` or a mislabelled branch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .config import EngineConfig
+from .errors import CacheContextError, DecisionError, ResidualShapeError, invalid_value
+from .plugins import Registry, get_registry
+from .protocols import Outcome, WindowMemory
+from .stats import CacheStats, CallRecord
+from .types import BlockRunner, ChunkCall, Decision, DecisionKind, Probe, tensor_repr
+
+__all__ = ["CacheEngine"]
+
+log = logging.getLogger("cachekit")
+
+_perf = time.perf_counter
+
+
+class CacheEngine:
+    """Runs a policy around a model's block stack; see the module docstring.
+
+    Build with a policy object, or by name with :meth:`from_name`. Drive with
+    :meth:`begin_run` / :meth:`begin_window` / calls / :meth:`end_window` / :meth:`end_run`
+    (or the :meth:`run` and :meth:`window` context managers).
+    """
+
+    def __init__(self, policy: Any, *, config: EngineConfig | None = None,
+                 store: Any = None, registry: Registry | None = None) -> None:
+        self.policy = policy
+        self.config = config or EngineConfig()
+        self.registry = registry if registry is not None else get_registry()
+        self.store = store if store is not None else self.registry.create_store(
+            self.config.store, self.config)
+        self._states: dict[tuple[str, int], Any] = {}
+        self._last_step: dict[tuple[str, int], int] = {}
+        self._memory = WindowMemory()
+        self._records: list[CallRecord] = []
+        self._recomputes: dict[str, int] = {}
+        self._warned: set[str] = set()
+        self._in_run = False
+        self._window: Optional[int] = None
+        self._run_t0 = 0.0
+        self._runtime = 0.0
+        self._sync = self.config.sync_timing and torch.cuda.is_available()
+        self._on_step_end = None
+
+    @classmethod
+    def from_name(cls, policy: str, *, config: Any = None, preset: str | None = None,
+                  engine_config: EngineConfig | None = None, registry: Registry | None = None,
+                  **knobs: Any) -> "CacheEngine":
+        """Build the policy registered as ``policy`` (config / preset / knobs) and an engine."""
+        registry = registry if registry is not None else get_registry()
+        pol = registry.create_policy(policy, config, preset=preset, **knobs)
+        return cls(pol, config=engine_config, registry=registry)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def begin_run(self, **info: Any) -> None:
+        """Start a generation: drops every state, residual, record and counter."""
+        self._states.clear()
+        self._last_step.clear()
+        self._memory.clear()
+        self.store.clear()
+        self.store.peak_nbytes = 0
+        self.store.evictions = 0
+        self._records = []
+        self._recomputes = {}
+        self._warned = set()
+        self._window = None
+        self._in_run = True
+        self._run_t0 = _perf()
+        hook = self.registry.hook
+        self._on_step_end = hook.on_step_end if hook.on_step_end.get_hookimpls() else None
+        hook.on_run_start(engine=self, info=dict(info))
+
+    def end_run(self) -> CacheStats:
+        if self._window is not None:
+            self.end_window()
+        self._in_run = False
+        self._runtime = _perf() - self._run_t0
+        summary = self.summary()
+        self.registry.hook.on_run_end(engine=self, summary=summary)
+        return summary
+
+    def begin_window(self, window: int) -> None:
+        """Start window ``window``: per-(branch, chunk) state, residuals and memory reset."""
+        if not self._in_run:
+            raise CacheContextError("begin_window() called outside a run; call "
+                                    "engine.begin_run() first (or use `with engine.run():`).")
+        if self._window is not None:
+            self.end_window()
+        self._states.clear()
+        self._last_step.clear()
+        self._memory.clear()
+        self.store.clear()
+        self._window = int(window)
+        self.registry.hook.on_window_start(engine=self, window=self._window)
+
+    def end_window(self) -> None:
+        if self._window is None:
+            return
+        self.registry.hook.on_window_end(engine=self, window=self._window)
+        self._window = None
+
+    @contextlib.contextmanager
+    def run(self, **info: Any) -> Iterator["CacheEngine"]:
+        self.begin_run(**info)
+        try:
+            yield self
+        finally:
+            self.end_run()
+
+    @contextlib.contextmanager
+    def window(self, window: int) -> Iterator["CacheEngine"]:
+        self.begin_window(window)
+        try:
+            yield self
+        finally:
+            self.end_window()
+
+    # -- the hook -----------------------------------------------------------------------------
+    def __call__(self, call: ChunkCall, h_in: torch.Tensor, run: BlockRunner,
+                 probe: Probe) -> torch.Tensor:
+        t0 = _perf()
+        if self._window is None:
+            raise CacheContextError(
+                f"engine called for {call.key} step {call.step} outside a window. The sampler "
+                f"must call engine.begin_run() and engine.begin_window(i) before the model runs.")
+        policy = self.policy
+        if call.scope is not policy.scope:
+            raise CacheContextError(
+                f"policy {policy.name!r} decides per {policy.scope.value}, but the model called "
+                f"the engine per {call.scope.value}. Run the model with "
+                f"mode={'vanilla' if policy.scope.value == 'window' else 'chunked'!r}.")
+        if h_in.dim() != 3 or h_in.shape[1] != call.num_tokens:
+            raise CacheContextError(invalid_value(
+                "h_in", f"[B, N={call.num_tokens}, D] for {call.frames} frames x "
+                f"{call.tokens_per_frame} tokens", tensor_repr(h_in)))
+        key = call.key
+        last = self._last_step.get(key)
+        if last is not None and call.step <= last:
+            raise CacheContextError(
+                f"{key}: step {call.step} after step {last} in window {self._window}. Each "
+                f"(branch, chunk, step) is decided once per window: call begin_window() between "
+                f"windows and pass the right branch name for each guidance pass.")
+        self._last_step[key] = call.step
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = policy.new_state(call)
+        memory = self._memory.branch(call.branch)
+
+        decision = policy.decide(call, probe, state, memory)
+        kind = decision.kind
+        reason = decision.reason
+        residual = None
+        if kind is not DecisionKind.COMPUTE:
+            if not policy.needs_residual:
+                raise DecisionError(f"policy {policy.name!r} declares needs_residual=False but "
+                                    f"returned {kind.value} for {key}")
+            residual = self.store.get(key)
+            if residual is None:
+                # Evicted under a budget, or never stored because it was non-finite.
+                self._count_recompute("missing_residual", key, call)
+                kind = DecisionKind.COMPUTE
+                decision = Decision.compute("missing_residual")
+                reason = "missing_residual"
+            elif residual.shape != h_in.shape:
+                raise ResidualShapeError(invalid_value(
+                    f"cached residual for {key}", f"shape {tuple(h_in.shape)} (the block input)",
+                    tuple(residual.shape), "The window geometry changed without begin_window(), "
+                    "or the adapter passed a different token layout."))
+
+        n = call.num_tokens
+        block_s = 0.0
+        if kind is DecisionKind.COMPUTE:
+            # Snapshot: an in-place block must not turn the residual into zero.
+            h_ref = h_in.clone() if policy.needs_residual else h_in
+            tb = self._tick()
+            h_out = run(h_in)
+            block_s = self._tick() - tb
+            self._check_out(h_out, h_ref, key)
+            if policy.needs_residual:
+                self._store_full(key, h_out - h_ref, call)
+            computed = n
+            h_in_seen = h_ref
+        elif kind is DecisionKind.REUSE:
+            h_out = h_in + residual
+            computed = 0
+            h_in_seen = h_in
+        else:
+            idx = decision.tokens
+            self._check_tokens(idx, n, key)
+            if idx.device != h_in.device:
+                idx = idx.to(h_in.device)
+            h_sub = h_in.index_select(1, idx)  # a copy: the snapshot of the subset
+            h_sub_ref = h_sub.clone()
+            tb = self._tick()
+            out_sub = run(h_sub, idx)
+            block_s = self._tick() - tb
+            if out_sub.shape != h_sub_ref.shape:
+                raise ResidualShapeError(invalid_value(
+                    f"selective block output for {key}", f"shape {tuple(h_sub_ref.shape)}",
+                    tuple(out_sub.shape)))
+            h_out = h_in + residual
+            h_out.index_copy_(1, idx, out_sub)
+            delta = out_sub - h_sub_ref
+            if self.config.check_finite and not bool(torch.isfinite(delta).all()):
+                self.store.discard(key)
+                self._count_recompute("nonfinite_residual", key, call)
+            else:
+                self.store.update(key, idx, delta)
+            computed = int(idx.numel())
+            h_in_seen = h_in
+
+        policy.observe(call, probe, state, Outcome(decision=decision, h_in=h_in_seen,
+                                                    h_out=h_out, computed_tokens=computed,
+                                                    num_tokens=n), memory)
+        record = CallRecord(self._window, call.iteration, call.branch, call.chunk, call.step,
+                            kind.value, computed, n, reason, block_s, _perf() - t0)
+        self._records.append(record)
+        if self._on_step_end is not None:
+            self._on_step_end(engine=self, call=call, record=record)
+        return h_out
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _tick(self) -> float:
+        if self._sync:
+            torch.cuda.synchronize()
+        return _perf()
+
+    def _store_full(self, key: tuple[str, int], residual: torch.Tensor, call: ChunkCall) -> None:
+        if self.config.check_finite and not bool(torch.isfinite(residual).all()):
+            self.store.discard(key)
+            self._count_recompute("nonfinite_residual", key, call)
+            return
+        self.store.put(key, residual)
+
+    @staticmethod
+    def _check_out(h_out: torch.Tensor, h_ref: torch.Tensor, key) -> None:
+        if not isinstance(h_out, torch.Tensor) or h_out.shape != h_ref.shape:
+            raise ResidualShapeError(invalid_value(
+                f"block output for {key}", f"a tensor of shape {tuple(h_ref.shape)}",
+                tensor_repr(h_out)))
+
+    @staticmethod
+    def _check_tokens(idx: torch.Tensor, n: int, key) -> None:
+        k = idx.numel()
+        if k == 0 or k >= n:
+            raise DecisionError(f"{key}: a PARTIAL decision needs 0 < K < N={n} tokens, got {k}; "
+                                f"use Decision.subset() which collapses the extremes")
+        if int(idx[0]) < 0 or int(idx[-1]) >= n or (k > 1 and bool((idx[1:] <= idx[:-1]).any())):
+            raise DecisionError(invalid_value(
+                f"token subset for {key}", f"sorted, duplicate-free indices in [0, {n})",
+                f"{k} indices from {int(idx.min())} to {int(idx.max())}"))
+
+    def _count_recompute(self, reason: str, key, call: ChunkCall) -> None:
+        self._recomputes[reason] = self._recomputes.get(reason, 0) + 1
+        msg = (f"cachekit: {reason} for {key} at step {call.step} (window {self._window}); "
+               f"recomputing (counted in summary().recomputes)")
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning(msg + "; further occurrences are logged at DEBUG level")
+        else:
+            log.debug(msg)
+
+    # -- results ------------------------------------------------------------------------------
+    def summary(self) -> CacheStats:
+        """Frozen statistics of the current (or last) run."""
+        cfg = getattr(self.policy, "config", None)
+        runtime = self._runtime if not self._in_run else _perf() - self._run_t0
+        return CacheStats(
+            policy=self.policy.name,
+            config=cfg.to_dict() if hasattr(cfg, "to_dict") else {},
+            tag=cfg.tag() if hasattr(cfg, "tag") else self.policy.name,
+            records=tuple(self._records),
+            recomputes=dict(self._recomputes),
+            evictions=int(getattr(self.store, "evictions", 0)),
+            peak_bytes=int(getattr(self.store, "peak_nbytes", 0)),
+            bytes_held=int(getattr(self.store, "nbytes", 0)),
+            runtime_s=runtime,
+        )
+
+    def state(self, branch: str, chunk: int) -> Any:
+        """The policy state of (branch, chunk) in the current window (for tests/debugging)."""
+        return self._states.get((branch, chunk))
