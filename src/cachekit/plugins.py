@@ -82,6 +82,11 @@ class Registry:
                 self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
             except pluggy.PluginValidationError as exc:
                 raise PluginError(self._explain_validation(exc)) from exc
+            except ValueError as exc:  # the same module under two entry-point names
+                raise PluginError(
+                    f"loading the {ENTRY_POINT_GROUP!r} entry points failed: {exc}. An installed "
+                    f"distribution declares the same plugin twice (often stale metadata: "
+                    f"reinstall it).") from exc
             for plugin, dist in self.pm.list_plugin_distinfo():
                 name = self.pm.get_name(plugin)
                 if name is not None:

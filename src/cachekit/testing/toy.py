@@ -87,6 +87,18 @@ class ToyModel(nn.Module):
     def null_condition(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, 1, self.spec.hidden)
 
+    def encode_prompt(self, prompt: Optional[str], *, seed: int, batch: int):
+        """``prompt`` is an integer label (a string); None draws one from ``seed``."""
+        label = int(prompt) if prompt is not None else seed % 7
+        cond = self.encode_condition(torch.full((batch,), label))
+        return cond, self.null_condition(batch), str(label)
+
+    def decode(self, x: torch.Tensor):
+        """Model space ``[B, C, F, H, W]`` to ``[B, F, H, W, 3]`` in [0, 1] (first 3 channels,
+        padded by repetition when C < 3)."""
+        rgb = x[:, [c % x.shape[1] for c in range(3)]]
+        return ((rgb.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).numpy()
+
     def session(self, *, batch: int, mode: str = "chunked",
                 hook: Optional[ChunkHook] = None) -> "ToySession":
         return ToySession(self, batch=batch, mode=mode, hook=hook)

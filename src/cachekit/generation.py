@@ -1,0 +1,117 @@
+"""One generation end to end: adapter by name, engine by policy name, sampler, outputs on disk.
+
+:func:`run_generation` is what ``cachekit generate`` runs; benchmarks reuse it. An adapter used
+here provides, besides :class:`~cachekit.protocols.ModelAdapter`:
+
+* ``encode_prompt(prompt: str | None, *, seed: int, batch: int) -> (cond, uncond, text)``: the
+  encoded condition of the ``cond`` branch, of the ``uncond`` branch (or None), and the prompt
+  text actually used (a model may draw a prompt from ``seed`` when ``prompt`` is None);
+* ``decode(x) -> numpy [B, F, H, W, 3]`` in ``[0, 1]`` from the sampler's model-space video.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from .config import EngineConfig
+from .engine import CacheEngine
+from .errors import ConfigError
+from .io import contact_sheet, save_video
+from .plugins import Registry, get_registry
+from .sampling import GenerationResult, SamplerConfig, generate
+
+__all__ = ["GenerationOutput", "run_generation", "build_engine"]
+
+
+@attrs.frozen(kw_only=True)
+class GenerationOutput:
+    """Frames ``[F, H, W, 3]`` in [0, 1] of the first batch item, the raw result, the summary."""
+
+    frames: np.ndarray = attrs.field(eq=False, repr=lambda a: f"array{a.shape}")
+    result: GenerationResult = attrs.field(repr=False)
+    summary: dict = attrs.field(factory=dict)
+    files: dict = attrs.field(factory=dict)
+
+
+def build_engine(policy: str, *, registry: Registry, preset: str | None = None,
+                 knobs: dict | None = None, config_file: str | None = None,
+                 engine_config: EngineConfig | None = None) -> CacheEngine:
+    """An engine for policy ``policy`` from a preset, a TOML/JSON config file and/or knobs."""
+    cfg = None
+    if config_file:
+        reg = registry.get("policy", policy)
+        cfg = reg.config.load(config_file)  # type: ignore[union-attr]
+    pol = registry.create_policy(policy, cfg, preset=preset, **(knobs or {}))
+    return CacheEngine(pol, config=engine_config, registry=registry)
+
+
+def _check_adapter(adapter: Any, name: str) -> None:
+    missing = [m for m in ("encode_prompt", "decode", "session") if not hasattr(adapter, m)]
+    if missing:
+        raise ConfigError(f"model adapter {name!r} cannot run `generate`: it lacks {missing}. "
+                          "See docs/writing-a-model-adapter.md (encode_prompt, decode).")
+
+
+def run_generation(*, model: str = "refdit", policy: str = "none", preset: str | None = None,
+                   knobs: dict | None = None, sampler: SamplerConfig | None = None,
+                   seed: int = 0, prompt: str | None = None, out: str | Path | None = None,
+                   progress: bool = False, registry: Registry | None = None,
+                   adapter: Any = None, engine_config: EngineConfig | None = None,
+                   use_engine: bool = True) -> GenerationOutput:
+    """Generate one video and (with ``out``) write ``video.mp4``/``.gif``, ``video.npy``,
+    ``contact_sheet.png`` and ``summary.json`` into ``out``.
+
+    ``use_engine=False`` runs the model without any engine (the plain reference); otherwise
+    the policy runs through a :class:`CacheEngine` (``none`` = uncached through the engine).
+    """
+    registry = registry or get_registry()
+    if adapter is None:
+        adapter = registry.create_adapter(model)
+    _check_adapter(adapter, model)
+    sampler = sampler or getattr(adapter, "default_sampler", lambda: SamplerConfig())()
+    engine = build_engine(policy, registry=registry, preset=preset, knobs=knobs,
+                          engine_config=engine_config) if use_engine else None
+    if engine is not None and engine.policy.scope.value == "window" and sampler.mode != "vanilla":
+        sampler = sampler.evolve(mode="vanilla")
+    cond, uncond, text = adapter.encode_prompt(prompt, seed=seed, batch=1)
+    t0 = time.perf_counter()
+    result = generate(adapter, cond, uncond=uncond, config=sampler, engine=engine, seed=seed,
+                      progress=progress, run_info={"model": model, "seed": seed, "prompt": text})
+    wall = time.perf_counter() - t0
+    frames = np.asarray(adapter.decode(result.video))[0]
+    stats = result.stats
+    summary = {
+        "model": model,
+        "policy": policy if use_engine else None,
+        "preset": preset,
+        "settings": engine.policy.config.to_dict() if engine is not None else {},
+        "tag": engine.policy.config.tag() if engine is not None else "no-engine",
+        "sampler": sampler.to_dict(),
+        "seed": seed,
+        "prompt": text,
+        "wall_s": wall,
+        "model_calls": result.model_calls,
+        "iterations": result.iterations,
+        "computed_token_fraction": stats.computed_token_fraction if stats else 1.0,
+        "cache": stats.to_dict(records=False) if stats else None,
+    }
+    files: dict[str, str] = {}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        files["video"] = str(save_video(frames, out / "video.mp4"))
+        files["npy"] = str(save_video(frames, out / "video.npy"))
+        files["contact_sheet"] = str(contact_sheet([frames], out / "contact_sheet.png"))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        files["summary"] = str(out / "summary.json")
+        if stats is not None:
+            (out / "cache_records.json").write_text(stats.to_json(records=True))
+            files["records"] = str(out / "cache_records.json")
+    return GenerationOutput(frames=frames, result=result, summary=summary, files=files)
+
