@@ -65,7 +65,7 @@ class Registry:
     """Everything cachekit can build by name: policies, estimators, stores, model adapters."""
 
     def __init__(self, *, autoload: bool | None = None, plugins: Iterable[Any] = ()) -> None:
-        from . import __version__, store
+        from . import __version__, _core_plugin
 
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
@@ -73,7 +73,7 @@ class Registry:
         self._dists: dict[str, str] = {}
         # The core's own reference store is always there (an engine needs one even with
         # autoload off); policies and models come only from plugins.
-        self.pm.register(store, name="cachekit.core")
+        self.pm.register(_core_plugin, name="cachekit.core")
         self._dists["cachekit.core"] = f"cachekit {__version__}"
         if autoload is None:
             autoload = not _autoload_disabled()

@@ -12,7 +12,7 @@
   budget is not stored (also counted). A later ``get`` of a dropped key returns None and the
   engine recomputes that chunk, counting it: results never change silently.
 
-It is registered by the core under the name ``memory`` (see :func:`register_residual_stores`).
+It is registered by the core under the name ``memory`` (:mod:`cachekit._core_plugin`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 
 from .config import EngineConfig
 from .errors import BudgetExceededError, ResidualShapeError, invalid_value
-from .hookspecs import hookimpl
 
 __all__ = ["MemoryStore"]
 
@@ -139,8 +138,3 @@ class MemoryStore:
             if self.storage_dtype is not None:
                 assert t.dtype == self.storage_dtype
 
-
-@hookimpl
-def register_residual_stores(register):
-    register("memory", MemoryStore,
-             description="In-memory residuals with byte accounting, storage dtype and budget.")
