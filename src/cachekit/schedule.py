@@ -1,4 +1,4 @@
-"""Denoising schedules for chunk-by-chunk video diffusion: pure, model-agnostic, no tensors of a model.
+"""Denoising schedules for chunk-by-chunk video diffusion: pure and model-agnostic.
 
 Which chunk of a window is denoised at which iteration, and at which noise level. Nothing here
 touches a model; samplers read these values and drive a model adapter with them.
@@ -282,7 +282,8 @@ class DFSchedule(ChunkSchedule):
         return torch.from_numpy(self.step_matrix[iteration].copy())
 
 
-def df_num_iterations(num_chunks: int, num_steps: int, ar_step: int, prefix_chunks: int = 0) -> int:
+def df_num_iterations(num_chunks: int, num_steps: int, ar_step: int,
+                      prefix_chunks: int = 0) -> int:
     """Iterations of a diffusion-forcing window: ``T + (n - 1 - p) * min(ar_step, T)``.
 
     ``n`` = chunks of the window, ``p`` = prefix chunks. The lag between consecutive chunks
@@ -312,7 +313,8 @@ def _as_timesteps(timesteps: TimestepsLike, num_steps: int) -> np.ndarray:
     if arr.ndim != 1 or arr.shape[0] != num_steps:
         _fail("timesteps", f"a 1-D sequence of num_steps={num_steps} numbers",
               f"shape {tuple(arr.shape)}",
-              "Pass the scheduler's timesteps (one per step), e.g. flow_timesteps(num_steps, shift).")
+              "Pass the scheduler's timesteps (one per step), e.g. "
+              "flow_timesteps(num_steps, shift).")
     if not np.all(np.isfinite(arr)):
         _fail("timesteps", "finite values", arr.tolist())
     return arr
@@ -428,7 +430,7 @@ def diffusion_forcing_schedule(
             else:
                 new[g] = new[g - 1] - ar
         new = [min(max(v, 0), done) for v in new]
-        upd_rows.append([a != b and a != done for a, b in zip(new, prev)])
+        upd_rows.append([a != b and a != done for a, b in zip(new, prev, strict=True)])
         idx_rows.append(new)
         prev = new
         if len(idx_rows) > max_iterations:  # pragma: no cover - would be a bug here
@@ -443,7 +445,7 @@ def diffusion_forcing_schedule(
         intervals.append((max(terminal - base_n, 0) * cbs, min(terminal, n) * cbs))
 
     rows = []
-    for new, upd in zip(idx_rows, upd_rows):
+    for new, upd in zip(idx_rows, upd_rows, strict=True):
         row = []
         for g in range(n):
             if g < p:
