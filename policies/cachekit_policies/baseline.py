@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import attrs
 
@@ -24,13 +24,11 @@ class NonePolicy:
     """Always compute every token: the uncached reference, run through the engine."""
 
     name: ClassVar[str] = "none"
-    scope: ClassVar[Scope] = Scope.CHUNK
+    scope: ClassVar[Optional[Scope]] = None  # per chunk or per window alike
     needs_residual: ClassVar[bool] = False
 
-    def __init__(self, config: NoneConfig | None = None, registry=None, *,
-                 scope: Scope = Scope.CHUNK) -> None:
+    def __init__(self, config: NoneConfig | None = None, registry=None) -> None:
         self.config = config or NoneConfig()
-        self.scope = scope  # type: ignore[misc]  # works for window-scope (vanilla) runs too
 
     def new_state(self, call: ChunkCall) -> None:
         return None
@@ -68,7 +66,7 @@ class FixedIntervalPolicy:
     """Content-blind periodic reuse per (branch, chunk), in the chunk's own step count."""
 
     name: ClassVar[str] = "fixed_interval"
-    scope: ClassVar[Scope] = Scope.CHUNK
+    scope: ClassVar[Optional[Scope]] = None  # per chunk (chunked) or per window (vanilla)
     needs_residual: ClassVar[bool] = True
 
     def __init__(self, config: FixedIntervalConfig | None = None, registry=None) -> None:

@@ -160,7 +160,7 @@ class CacheEngine:
                 f"engine called for {call.key} step {call.step} outside a window. The sampler "
                 f"must call engine.begin_run() and engine.begin_window(i) before the model runs.")
         policy = self.policy
-        if call.scope is not policy.scope:
+        if policy.scope is not None and call.scope is not policy.scope:
             raise CacheContextError(
                 f"policy {policy.name!r} decides per {policy.scope.value}, but the model called "
                 f"the engine per {call.scope.value}. Run the model with "

@@ -77,7 +77,8 @@ def run_generation(*, model: str = "refdit", policy: str = "none", preset: str |
     sampler = sampler or getattr(adapter, "default_sampler", lambda: SamplerConfig())()
     engine = build_engine(policy, registry=registry, preset=preset, knobs=knobs,
                           engine_config=engine_config) if use_engine else None
-    if engine is not None and engine.policy.scope.value == "window" and sampler.mode != "vanilla":
+    scope = engine.policy.scope if engine is not None else None
+    if scope is not None and scope.value == "window" and sampler.mode != "vanilla":
         sampler = sampler.evolve(mode="vanilla")
     cond, uncond, text = adapter.encode_prompt(prompt, seed=seed, batch=1)
     t0 = time.perf_counter()

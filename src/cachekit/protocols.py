@@ -77,14 +77,14 @@ class Policy(Protocol):
 
     Class attributes:
       * ``name``: the registered name.
-      * ``scope``: :class:`Scope.CHUNK` (per chunk, chunked execution) or :class:`Scope.WINDOW`
-        (one decision per window, vanilla execution). The engine refuses calls of the other
-        scope with a clear error.
+      * ``scope``: :class:`Scope.CHUNK` (per chunk, chunked execution), :class:`Scope.WINDOW`
+        (one decision per window, vanilla execution), or None (either: the policy does not
+        care what a call covers). The engine refuses calls of another scope with a clear error.
       * ``needs_residual``: whether the engine must store residuals for it (``none`` does not).
     """
 
     name: ClassVar[str]
-    scope: ClassVar[Scope]
+    scope: ClassVar[Optional[Scope]]
     needs_residual: ClassVar[bool]
     config: Any
 
