@@ -39,15 +39,11 @@ class GenerationOutput:
     files: dict = attrs.field(factory=dict)
 
 
-def build_engine(policy: str, *, registry: Registry, preset: str | None = None,
-                 knobs: dict | None = None, config_file: str | None = None,
+def build_engine(policy: str, *, registry: Registry, policy_config: Any = None,
+                 preset: str | None = None, knobs: dict | None = None,
                  engine_config: EngineConfig | None = None) -> CacheEngine:
-    """An engine for policy ``policy`` from a preset, a TOML/JSON config file and/or knobs."""
-    cfg = None
-    if config_file:
-        reg = registry.get("policy", policy)
-        cfg = reg.config.load(config_file)  # type: ignore[union-attr]
-    pol = registry.create_policy(policy, cfg, preset=preset, **(knobs or {}))
+    """An engine for policy ``policy`` from a config object, a preset and/or knobs."""
+    pol = registry.create_policy(policy, policy_config, preset=preset, **(knobs or {}))
     return CacheEngine(pol, config=engine_config, registry=registry)
 
 
@@ -59,7 +55,8 @@ def _check_adapter(adapter: Any, name: str) -> None:
 
 
 def run_generation(*, model: str = "refdit", policy: str = "none", preset: str | None = None,
-                   knobs: dict | None = None, sampler: SamplerConfig | None = None,
+                   knobs: dict | None = None, policy_config: Any = None,
+                   sampler: SamplerConfig | None = None,
                    seed: int = 0, prompt: str | None = None, out: str | Path | None = None,
                    progress: bool = False, registry: Registry | None = None,
                    adapter: Any = None, engine_config: EngineConfig | None = None,
@@ -75,8 +72,8 @@ def run_generation(*, model: str = "refdit", policy: str = "none", preset: str |
         adapter = registry.create_adapter(model)
     _check_adapter(adapter, model)
     sampler = sampler or getattr(adapter, "default_sampler", lambda: SamplerConfig())()
-    engine = build_engine(policy, registry=registry, preset=preset, knobs=knobs,
-                          engine_config=engine_config) if use_engine else None
+    engine = build_engine(policy, registry=registry, policy_config=policy_config, preset=preset,
+                          knobs=knobs, engine_config=engine_config) if use_engine else None
     scope = engine.policy.scope if engine is not None else None
     if scope is not None and scope.value == "window" and sampler.mode != "vanilla":
         sampler = sampler.evolve(mode="vanilla")
