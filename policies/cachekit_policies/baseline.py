@@ -7,6 +7,7 @@ from typing import ClassVar, Optional
 import attrs
 
 from cachekit.config import ConfigBase, in_range, knob, to_bool
+from cachekit.protocols import PolicyContract
 from cachekit.types import ChunkCall, Decision, Probe, Scope
 
 __all__ = ["NoneConfig", "NonePolicy", "FixedIntervalConfig", "FixedIntervalPolicy"]
@@ -26,6 +27,7 @@ class NonePolicy:
     name: ClassVar[str] = "none"
     scope: ClassVar[Optional[Scope]] = None  # per chunk or per window alike
     needs_residual: ClassVar[bool] = False
+    contract: ClassVar[PolicyContract] = PolicyContract(lossless={})
 
     def __init__(self, config: NoneConfig | None = None, registry=None) -> None:
         self.config = config or NoneConfig()
@@ -68,6 +70,10 @@ class FixedIntervalPolicy:
     name: ClassVar[str] = "fixed_interval"
     scope: ClassVar[Optional[Scope]] = None  # per chunk (chunked) or per window (vanilla)
     needs_residual: ClassVar[bool] = True
+    # interval 2 -> 3 can compute more at single steps, so only totals are monotonic
+    contract: ClassVar[PolicyContract] = PolicyContract(
+        lossless={"interval": 1}, speed_knob="interval", speed_values=(1, 2, 3, 4),
+        warmup_knob="warmup_steps")
 
     def __init__(self, config: FixedIntervalConfig | None = None, registry=None) -> None:
         self.config = config or FixedIntervalConfig()

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, invalid_value
+from .motion import rel_l1 as _motion_rel_l1
 from .types import ChunkCall, Decision, Probe, Scope
 
 __all__ = ["CoefficientWarning", "CalibrationRecorder", "fit_polynomial", "check_polynomial",
@@ -51,8 +52,9 @@ class CoefficientWarning(UserWarning):
 
 
 def rel_l1(a: torch.Tensor, b: torch.Tensor, eps: float = _EPS) -> float:
-    """``mean|a - b| / (mean|b| + eps)`` over every element, as a Python float."""
-    return float((a - b).abs().mean() / (b.abs().mean() + eps))
+    """:func:`cachekit.motion.rel_l1` over every element, as a Python float (the very function
+    the policies use, so the calibrated x is the policies' x)."""
+    return float(_motion_rel_l1(a, b, eps))
 
 
 class CalibrationRecorder:
@@ -186,7 +188,7 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
         raise ConfigError(invalid_value(f"coefficients_file {path}: 'coefficients'",
                                         "a non-empty list of finite numbers", coeffs))
     rng = data.get("x_range")
-    if not (isinstance(rng, list) and len(rng) == 2 and rng[0] <= rng[1]):
+    if not (isinstance(rng, list) and len(rng) == 2 and rng[0] < rng[1]):
         raise ConfigError(invalid_value(f"coefficients_file {path}: 'x_range'", "[lo, hi]", rng))
     return data
 

@@ -98,8 +98,9 @@ def knob(default: Any, *, doc: str, trade: str = "", converter: Any = None,
 
 
 def _abbrev(name: str) -> str:
+    """``warmup_steps`` -> ``ws`` (initials); a single word stays whole (``threshold``)."""
     parts = [p for p in name.split("_") if p]
-    return "".join(p[0] for p in parts) if len(parts) > 1 else name[:4]
+    return "".join(p[0] for p in parts) if len(parts) > 1 else name
 
 
 def _fmt(value: Any) -> str:

@@ -14,7 +14,8 @@ window or run. The contract suite in :mod:`cachekit.testing` checks this for eve
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping, Optional, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -29,7 +30,10 @@ __all__ = [
     "ModelSession",
     "Outcome",
     "WindowMemory",
+    "PolicyContract",
 ]
+
+_CONTRACT_MODES = ("chunked", "vanilla")
 
 
 @attrs.frozen(kw_only=True)
@@ -37,8 +41,9 @@ class Outcome:
     """What happened in one engine call, handed to :meth:`Policy.observe` afterwards.
 
     ``h_out`` is the block-stack output the model will use (computed, reused or mixed);
-    ``computed`` is None when every token was computed, an empty tensor when none was, else
-    the computed token indices. Policies must not modify the tensors.
+    ``computed_tokens`` counts the tokens whose blocks ran (``num_tokens`` = all, 0 = a pure
+    reuse); ``decision.tokens`` names them for a PARTIAL decision. Policies must not modify
+    the tensors.
     """
 
     decision: Decision
@@ -106,11 +111,17 @@ class MotionEstimator(Protocol):
     ``h_out`` is the chunk's block-stack output ``[B, N, D]``; ``probe.latent`` its input latent.
     ``memory`` is the branch's window memory, for cross-chunk comparisons (previous chunk's
     last frame). Weights are finite, ``>= 0``.
+
+    ``uses_output`` (optional class attribute, default True): True when the weights need
+    ``h_out`` (computed after the step, used at the next one, like ``frame_diff``); False when
+    they come from the probe alone (``latent_diff``, ``flow_proxy``), in which case the policy
+    calls :meth:`weights` before the step with ``h_out=None``.
     """
 
     name: ClassVar[str]
+    uses_output: ClassVar[bool]
 
-    def weights(self, call: ChunkCall, probe: Probe, h_out: torch.Tensor,
+    def weights(self, call: ChunkCall, probe: Probe, h_out: Optional[torch.Tensor],
                 memory: dict) -> torch.Tensor: ...
 
 
@@ -154,3 +165,66 @@ class ModelAdapter(Protocol):
     spec: ModelSpec
 
     def session(self, *, batch: int, mode: str = "chunked", hook: Any = None) -> ModelSession: ...
+
+
+# Hints a policy class declares for the public contract suite (cachekit.testing.contract):
+# part of the policy's interface, so it lives in the core, not in the testing package.
+def _mapping(value: Any) -> Any:
+    return None if value is None else MappingProxyType(dict(value))
+
+
+def _opt_str(_inst, attribute, value) -> None:
+    if value is not None and not (isinstance(value, str) and value):
+        raise ValueError(f"PolicyContract.{attribute.name}: expected a knob name or None, "
+                         f"got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class PolicyContract:
+    """What the contract suite needs to know about a policy's knobs (all optional).
+
+    * ``lossless``: config overrides under which the policy never reuses (e.g.
+      ``{"threshold": 0.0}``; ``{}`` if the defaults already never reuse; None = unknown, the
+      ``lossless`` check is skipped).
+    * ``speed_knob``: a knob where a larger value means faster (fewer computed tokens), or None.
+    * ``speed_values``: a few strictly increasing values of ``speed_knob`` to sweep.
+    * ``warmup_knob``: the knob giving the number of always-computed first steps, or None.
+    * ``mode``: ``"chunked"`` (``Scope.CHUNK``) or ``"vanilla"`` (``Scope.WINDOW``); None = from
+      the policy's ``scope``.
+    * ``per_call_monotonic``: also require that no single call computes more tokens at a larger
+      speed value (holds for pure per-step thresholds; not for periodic or accumulating rules).
+    * ``stress``: config overrides that exercise every decision path on the short toy
+      scenario (e.g. ``{"phase1_steps": 0, "warmup_steps": 1}`` so a token-wise phase is
+      reached in 8 steps). Applied, with the largest speed value, on top of the ``fast`` preset
+      for the isolation, token-subset, one-decision, stats, state and warm-up checks, and as a
+      second base of the monotonic sweep.
+    * ``sampler``: overrides of the contract scenario's
+      :class:`~cachekit.sampling.SamplerConfig` (e.g. ``{"num_steps": 12}`` for a long warm-up).
+    """
+
+    lossless: Optional[Mapping[str, Any]] = attrs.field(default=None, converter=_mapping,
+                                                        hash=False)
+    speed_knob: Optional[str] = attrs.field(default=None, validator=_opt_str)
+    speed_values: tuple = attrs.field(default=(), converter=tuple)
+    warmup_knob: Optional[str] = attrs.field(default=None, validator=_opt_str)
+    mode: Optional[str] = attrs.field(default=None)
+    per_call_monotonic: bool = attrs.field(default=False, converter=bool)
+    stress: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping, hash=False)
+    sampler: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping, hash=False)
+
+    @mode.validator
+    def _v_mode(self, _a, value) -> None:
+        if value is not None and value not in _CONTRACT_MODES:
+            raise ValueError(f"PolicyContract.mode: expected one of {list(_CONTRACT_MODES)} or None, "
+                             f"got {value!r}")
+
+    def __attrs_post_init__(self) -> None:
+        if self.speed_knob is not None:
+            v = self.speed_values
+            if len(v) < 2 or any(not (a < b) for a, b in zip(v, v[1:])):
+                raise ValueError(f"PolicyContract.speed_values: expected at least 2 strictly "
+                                 f"increasing values of {self.speed_knob!r}, got {v!r}")
+        elif self.speed_values:
+            raise ValueError("PolicyContract.speed_values given without speed_knob")
+        if "mode" in self.sampler:
+            raise ValueError("PolicyContract.sampler cannot set 'mode'; use PolicyContract.mode")

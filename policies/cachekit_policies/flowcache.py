@@ -1,0 +1,111 @@
+"""``flowcache``: independent TeaCache-style reuse per (branch, chunk) (FlowCache-SkyReels, §4.1).
+
+Runs on the chunked execution (finished and pending chunks are never run; that part is the
+engine's lossless structure, not this policy). For every ACTIVE chunk, in its own step count:
+
+* steps ``< warmup_steps`` compute (the reference's ``ret_steps``: 5 of 50), and the chunk's
+  last step computes when ``compute_last`` (the reference's ``cutoff = T - 1``);
+* otherwise the chunk's modulation ``[B, F, M, D]`` (its frames only) is compared with its own
+  previous step: ``d = max(0, poly(rel_l1))``, accumulated and reset with the TeaCache rule.
+
+The accumulator, the previous modulation (per frame) and the residual live per
+``(branch, chunk)`` in the engine and are dropped at every window. Prefix chunks never reach
+the engine (the adapter fills their context K/V once).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import attrs
+
+from cachekit.config import ConfigBase, in_range, knob, to_bool
+from cachekit.protocols import Outcome
+from cachekit.protocols import PolicyContract
+from cachekit.types import ChunkCall, Decision, Probe, Scope
+
+from ._indicator import (
+    Indicator,
+    IndicatorState,
+    check_coefficient_settings,
+    coefficients_file_knob,
+    coefficients_knob,
+    coefficients_range_knob,
+    modulation_of,
+    recomputed_everything,
+    threshold_knob,
+)
+
+__all__ = ["FlowCacheConfig", "FlowCachePolicy", "FlowCacheState"]
+
+
+@attrs.frozen(kw_only=True)
+class FlowCacheConfig(ConfigBase):
+    """Settings of ``flowcache`` (per-chunk TeaCache, chunked execution)."""
+
+    tag_prefix: ClassVar[str] = "flowcache"
+    # run_flowcache_slow.sh / run_flowcache_fast.sh (§4.1): 0.10 / 0.15 (with Wan's polynomial).
+    presets: ClassVar[dict] = {"slow": {"threshold": 0.10}, "fast": {"threshold": 0.15}}
+
+    threshold: float = threshold_knob(
+        0.1, doc="Accumulated (rescaled) rel_l1 drift of the chunk's modulation below which the "
+                 "chunk reuses its residual. Unitless (the polynomial's output). Default 0.1.")
+    warmup_steps: int = knob(
+        5, converter=int, validator=in_range(0),
+        doc="First steps of each chunk that always compute (ret_steps). Unit: the chunk's "
+            "steps. Default 5.",
+        trade="larger = more faithful, slower")
+    compute_last: bool = knob(
+        True, converter=to_bool,
+        doc="Always compute each chunk's last step (the reference's cutoff = T - 1). "
+            "Default on.",
+        trade="on = cleaner final frames, one more compute per chunk and branch")
+    coefficients: tuple = coefficients_knob()
+    coefficients_file: Optional[str] = coefficients_file_knob()
+    coefficients_x_range: tuple = coefficients_range_knob()
+
+    def __attrs_post_init__(self) -> None:
+        check_coefficient_settings(self)
+
+
+@attrs.define(slots=True)
+class FlowCacheState(IndicatorState):
+    """Per-(branch, chunk) state: accumulator and the chunk's modulation at its last step."""
+
+
+class FlowCachePolicy:
+    """Per-chunk accumulate-and-reset reuse (see module docstring)."""
+
+    name: ClassVar[str] = "flowcache"
+    scope: ClassVar[Scope] = Scope.CHUNK
+    needs_residual: ClassVar[bool] = True
+    #: Hints for the policy contract suite (cachekit.testing.contract). The speed values suit
+    #: the toy model's trajectory, whose modulation drifts by about 1 per step.
+    contract: ClassVar[PolicyContract] = PolicyContract(
+        lossless={"threshold": 0.0}, speed_knob="threshold",
+        speed_values=(0.0, 0.5, 1.0, 2.0, 4.0), warmup_knob="warmup_steps",
+        stress={"warmup_steps": 1})
+
+    def __init__(self, config: FlowCacheConfig | None = None, registry=None) -> None:
+        self.config = config or FlowCacheConfig()
+        self.indicator = Indicator.from_config(self.config, self.name, "chunk")
+
+    def new_state(self, call: ChunkCall) -> FlowCacheState:
+        return FlowCacheState()
+
+    def decide(self, call: ChunkCall, probe: Probe, state: FlowCacheState,
+               memory: dict) -> Decision:
+        # One device sync (the distance); runs eagerly, outside compiled regions.
+        c = self.config
+        forced = None
+        if call.step < c.warmup_steps:
+            forced = "warmup"
+        elif c.compute_last and call.step == call.num_steps - 1:
+            forced = "last_step"
+        return state.step(self.indicator, c.threshold, modulation_of(probe, call, self.name),
+                          forced)
+
+    def observe(self, call: ChunkCall, probe: Probe, state: FlowCacheState, outcome: Outcome,
+                memory: dict) -> None:
+        if recomputed_everything(outcome):
+            state.acc = 0.0

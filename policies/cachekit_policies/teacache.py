@@ -1,0 +1,114 @@
+"""``teacache``: one reuse decision per window call, as SkyReels-V2's TeaCache port (§3.2).
+
+The whole window (every frame: active, finished, pending and prefix) is computed or reused as
+one unit, on the vanilla (full-window) execution (``mode="vanilla"``). The indicator is the
+relative L1 drift of the window's per-frame modulation ``[B, F, M, D]`` against the same
+branch's previous iteration, rescaled by the configured polynomial and accumulated with the
+TeaCache rule (``_indicator.py``).
+
+Differences from the reference, on purpose (reference/algorithms.md §7.19):
+
+* warm-up and the optional forced last iteration count *iterations of the window*
+  (``call.step`` / ``call.num_steps``), not model calls, so nothing wraps mid-window (S-T1);
+* state is per branch, owned by the engine and dropped at every window (never call parity,
+  never carried into the next window).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import attrs
+
+from cachekit.config import ConfigBase, in_range, knob, to_bool
+from cachekit.protocols import Outcome
+from cachekit.protocols import PolicyContract
+from cachekit.types import ChunkCall, Decision, Probe, Scope
+
+from ._indicator import (
+    Indicator,
+    IndicatorState,
+    check_coefficient_settings,
+    coefficients_file_knob,
+    coefficients_knob,
+    coefficients_range_knob,
+    modulation_of,
+    recomputed_everything,
+    threshold_knob,
+)
+
+__all__ = ["TeaCacheConfig", "TeaCachePolicy", "TeaCacheState"]
+
+
+@attrs.frozen(kw_only=True)
+class TeaCacheConfig(ConfigBase):
+    """Settings of ``teacache`` (window-level TeaCache, vanilla execution)."""
+
+    tag_prefix: ClassVar[str] = "teacache"
+    # The official SkyReels-V2 help text: "0.1 for 2.0x speedup, 0.2 for 3.0x" (with its
+    # polynomial); the paper's TeaCache-slow/fast thresholds are not published (§3.2).
+    presets: ClassVar[dict] = {"slow": {"threshold": 0.1}, "fast": {"threshold": 0.2}}
+
+    threshold: float = threshold_knob(
+        0.1, doc="Accumulated (rescaled) rel_l1 drift of the window modulation below which the "
+                 "window reuses its residual. Unitless (the polynomial's output). Default 0.1.")
+    warmup_steps: int = knob(
+        5, converter=int, validator=in_range(0),
+        doc="First iterations of each window that always compute (the reference's "
+            "ret_steps: 5 iterations = 10 calls with CFG). Unit: iterations. Default 5.",
+        trade="larger = more faithful, slower")
+    compute_last: bool = knob(
+        False, converter=to_bool,
+        doc="Always compute the window's last iteration (off with ret_steps in the reference: "
+            "cutoff = all calls). Default off.",
+        trade="on = more faithful final iteration, one more compute per window and branch")
+    coefficients: tuple = coefficients_knob()
+    coefficients_file: Optional[str] = coefficients_file_knob()
+    coefficients_x_range: tuple = coefficients_range_knob()
+
+    def __attrs_post_init__(self) -> None:
+        check_coefficient_settings(self)
+
+
+@attrs.define(slots=True)
+class TeaCacheState(IndicatorState):
+    """Per-branch state (the engine keys it by ``(branch, 0)``): accumulator, last modulation."""
+
+
+class TeaCachePolicy:
+    """Window-level accumulate-and-reset reuse (see module docstring)."""
+
+    name: ClassVar[str] = "teacache"
+    scope: ClassVar[Scope] = Scope.WINDOW
+    needs_residual: ClassVar[bool] = True
+    #: Hints for the policy contract suite (cachekit.testing.contract). The speed values suit
+    #: the toy model's trajectory, whose modulation drifts by about 1 per step.
+    contract: ClassVar[PolicyContract] = PolicyContract(
+        lossless={"threshold": 0.0}, speed_knob="threshold",
+        speed_values=(0.0, 0.5, 1.0, 2.0, 4.0), warmup_knob="warmup_steps",
+        stress={"warmup_steps": 1})
+
+    def __init__(self, config: TeaCacheConfig | None = None, registry=None) -> None:
+        self.config = config or TeaCacheConfig()
+        self.indicator = Indicator.from_config(self.config, self.name, "window")
+
+    def new_state(self, call: ChunkCall) -> TeaCacheState:
+        return TeaCacheState()
+
+    def decide(self, call: ChunkCall, probe: Probe, state: TeaCacheState,
+               memory: dict) -> Decision:
+        # Syncs the device once (the distance's .item()); engine calls run eagerly, outside
+        # any compiled region.
+        c = self.config
+        forced = None
+        if call.step < c.warmup_steps:
+            forced = "warmup"
+        elif c.compute_last and call.step == call.num_steps - 1:
+            forced = "last_step"
+        return state.step(self.indicator, c.threshold, modulation_of(probe, call, self.name),
+                          forced)
+
+    def observe(self, call: ChunkCall, probe: Probe, state: TeaCacheState, outcome: Outcome,
+                memory: dict) -> None:
+        if recomputed_everything(outcome):
+            state.acc = 0.0
