@@ -276,7 +276,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                          sampler=sampler, seed=args.seed, prompt=args.prompt, out=args.out,
                          progress=not args.no_progress, registry=registry, adapter=adapter,
                          engine_config=engine_config_from_args(args))
-    print(out.result.stats.table())
+    if out.result.stats is not None:
+        print(out.result.stats.table())
     print(f"prompt: {out.summary['prompt']}")
     print(f"wall time: {out.summary['wall_s']:.2f} s for {out.result.model_calls} model calls")
     for key, path in out.files.items():

@@ -187,7 +187,7 @@ class ConfigBase:
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self, recurse=True)  # type: ignore[call-overload]
+        return attrs.asdict(self, recurse=True)  # type: ignore[call-overload, arg-type]
 
     def save(self, path: str | Path) -> Path:
         """Write ``.toml`` or ``.json`` (chosen by the suffix)."""

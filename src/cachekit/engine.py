@@ -217,6 +217,7 @@ class CacheEngine:
             computed = n
             h_in_seen = h_ref
         elif kind is DecisionKind.REUSE:
+            assert residual is not None
             h_out = h_in + residual
             computed = 0
             h_in_seen = h_in
@@ -234,6 +235,7 @@ class CacheEngine:
                 raise ResidualShapeError(invalid_value(
                     f"selective block output for {key}", f"shape {tuple(h_sub_ref.shape)}",
                     tuple(out_sub.shape)))
+            assert residual is not None and idx is not None
             h_out = h_in + residual
             h_out.index_copy_(1, idx, out_sub)
             delta = out_sub - h_sub_ref
@@ -303,8 +305,8 @@ class CacheEngine:
         runtime = self._runtime if not self._in_run else _perf() - self._run_t0
         return CacheStats(
             policy=self.policy.name,
-            config=cfg.to_dict() if hasattr(cfg, "to_dict") else {},
-            tag=cfg.tag() if hasattr(cfg, "tag") else self.policy.name,
+            config=cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {},
+            tag=cfg.tag() if cfg is not None and hasattr(cfg, "tag") else self.policy.name,
             records=tuple(self._records),
             recomputes=dict(self._recomputes),
             evictions=int(getattr(self.store, "evictions", 0)),

@@ -18,6 +18,7 @@ Both default to the bundled model (``--model refdit``); ``--model toy`` runs in 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -83,9 +84,10 @@ def overhead(model: str = "refdit", repeats: int = 5, sampler: SamplerConfig | N
 def structure(model: str = "refdit", repeats: int = 3, sampler: SamplerConfig | None = None) -> dict:
     sampler = sampler or SamplerConfig(num_frames=16, num_steps=10, ar_step=2)
     adapter, cond, uncond = _setup(model, sampler)
-    fns = {mode: (lambda mode=mode: generate(adapter, cond, uncond=uncond,
-                                              config=sampler.evolve(mode=mode), seed=0))
-           for mode in ("vanilla", "chunked")}
+    fns: dict[str, Callable[[], Any]] = {
+        mode: functools.partial(generate, adapter, cond, uncond=uncond,
+                                config=sampler.evolve(mode=mode), seed=0)
+        for mode in ("vanilla", "chunked")}
     with torch.inference_mode():
         out = interleaved(fns, repeats)
     t = out["times"]

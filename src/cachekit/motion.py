@@ -288,8 +288,8 @@ def flow_proxy_map(latent: torch.Tensor, prev_last_frame: Optional[torch.Tensor]
         # separable box filter (cheaper than avg_pool2d on small maps), replicated border
         r = blur // 2
         img = _pad_replicate(img, r)
-        img = sum(img[..., :, i:i + w] for i in range(blur)) / blur
-        img = sum(img[..., i:i + h, :] for i in range(blur)) / blur
+        img = torch.stack([img[..., :, i:i + w] for i in range(blur)]).mean(0)
+        img = torch.stack([img[..., i:i + h, :] for i in range(blur)]).mean(0)
     img = img.reshape(b, k, h, w)
     if k < 2:
         return torch.ones(f, hw, dtype=x.dtype, device=x.device)

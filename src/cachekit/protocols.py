@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping, Optional, Protocol, runtime_checkable
 import attrs
 import torch
 
-from .types import ChunkCall, Decision, IterationInfo, ModelSpec, Probe, Scope, tensor_repr
+from .types import as_tuple, ChunkCall, Decision, IterationInfo, ModelSpec, Probe, Scope, tensor_repr
 
 __all__ = [
     "Policy",
@@ -205,7 +205,7 @@ class PolicyContract:
     lossless: Optional[Mapping[str, Any]] = attrs.field(default=None, converter=_mapping,
                                                         hash=False)
     speed_knob: Optional[str] = attrs.field(default=None, validator=_opt_str)
-    speed_values: tuple = attrs.field(default=(), converter=tuple)
+    speed_values: tuple = attrs.field(default=(), converter=as_tuple)
     warmup_knob: Optional[str] = attrs.field(default=None, validator=_opt_str)
     mode: Optional[str] = attrs.field(default=None)
     per_call_monotonic: bool = attrs.field(default=False, converter=bool)

@@ -93,6 +93,7 @@ def window_rows(cfg: SamplerConfig, num_frames: int, chunk_frames: int,
     if num_frames % chunk_frames:
         raise ConfigError(invalid_value(
             "num_frames", f"a multiple of causal_block_size={chunk_frames}", num_frames))
+    s: sched.ChunkSchedule
     if cfg.schedule == "magi":
         s = sched.magi_schedule(num_frames // chunk_frames, cfg.num_steps, cfg.window_size,
                                 prefix_chunks=prefix_frames // chunk_frames,

@@ -279,6 +279,7 @@ class DFSchedule(ChunkSchedule):
         if self.step_matrix is None:
             _fail("timesteps", "the timestep list (diffusion_forcing_schedule(..., "
                   "timesteps=...))", None, "Pass the scheduler's timesteps to get step_matrix.")
+        assert self.step_matrix is not None
         return torch.from_numpy(self.step_matrix[iteration].copy())
 
 

@@ -13,7 +13,7 @@ frame-major inside a chunk.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import attrs
 import torch
@@ -42,6 +42,11 @@ def tensor_repr(t: Any) -> str:
     if isinstance(t, torch.Tensor):
         return f"Tensor{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
     return repr(t)
+
+
+def as_tuple(value: Iterable[Any]) -> tuple:
+    """attrs converter: any iterable to a tuple (typed, unlike ``converter=as_tuple``)."""
+    return tuple(value)
 
 
 def _check(cond: bool, setting: str, expected: str, got: Any, fix: str | None = None) -> None:
@@ -94,8 +99,8 @@ class IterationInfo:
     branch: str = attrs.field()
     num_steps: int = attrs.field(validator=_positive_int("num_steps"))
     chunk_frames: int = attrs.field(validator=_positive_int("chunk_frames"))
-    states: tuple[ChunkState, ...] = attrs.field(converter=tuple)
-    steps: tuple[int, ...] = attrs.field(converter=tuple)
+    states: tuple[ChunkState, ...] = attrs.field(converter=as_tuple)
+    steps: tuple[int, ...] = attrs.field(converter=as_tuple)
 
     @branch.validator
     def _v_branch(self, _a, value):
@@ -188,8 +193,8 @@ class Probe:
 
     modulation: Optional[torch.Tensor] = attrs.field(eq=False, repr=tensor_repr, default=None)
     latent: Optional[torch.Tensor] = attrs.field(eq=False, repr=tensor_repr, default=None)
-    grid: tuple[int, int, int] = attrs.field(converter=tuple, default=(1, 1, 1))
-    patch: tuple[int, int] = attrs.field(converter=tuple, default=(1, 1))
+    grid: tuple[int, int, int] = attrs.field(converter=as_tuple, default=(1, 1, 1))
+    patch: tuple[int, int] = attrs.field(converter=as_tuple, default=(1, 1))
 
     def __attrs_post_init__(self):
         _check(len(self.grid) == 3 and all(isinstance(v, int) and v >= 1 for v in self.grid),
@@ -260,6 +265,7 @@ class Decision:
             return num_tokens
         if self.kind is DecisionKind.REUSE:
             return 0
+        assert self.tokens is not None
         return int(self.tokens.numel())
 
 
@@ -298,7 +304,7 @@ class ModelSpec:
     channels: int = attrs.field(validator=_positive_int("channels"))
     height: int = attrs.field(validator=_positive_int("height"))
     width: int = attrs.field(validator=_positive_int("width"))
-    patch: tuple[int, int] = attrs.field(converter=tuple)
+    patch: tuple[int, int] = attrs.field(converter=as_tuple)
     chunk_frames: int = attrs.field(validator=_positive_int("chunk_frames"))
     max_frames: int = attrs.field(validator=_positive_int("max_frames"))
     hidden: int = attrs.field(validator=_positive_int("hidden"))

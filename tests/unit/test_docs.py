@@ -236,3 +236,12 @@ def test_every_nox_session_has_a_docstring():
     assert {"tests", "tests_slow", "lint", "typecheck", "bench", "docs_check"} <= names
     for f in sessions:
         assert ast.get_docstring(f), f"nox session {f.name} has no docstring"
+
+
+def test_policy_reference_is_current():
+    """docs/policies.md is generated from the code; regenerate it when a knob changes."""
+    from cachekit.docgen import policy_reference
+
+    path = ROOT / "docs" / "policies.md"
+    assert path.read_text() == policy_reference(), (
+        "docs/policies.md is out of date: run `python -m cachekit.docgen docs/policies.md`")

@@ -72,7 +72,6 @@ import tempfile
 import traceback
 from collections import OrderedDict
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attrs

@@ -167,7 +167,7 @@ class ToySession:
             chunk_of = torch.arange(n) // (cf * n_f)
             mask = torch.where(chunk_of[None, :] <= chunk_of[:, None], 0.0, float("-inf"))
 
-            def run(h, idx=None):
+            def run_window(h, idx=None):
                 if idx is not None:
                     raise NotImplementedError("token-level reuse needs mode='chunked'")
                 return self._blocks(h, mod_tok, cond, None, 0, n, None, mask)
@@ -177,7 +177,7 @@ class ToySession:
                              iteration=info.iteration, frames=f, tokens_per_frame=n_f,
                              timestep=float(sigma.mean()) * 1000, scope=Scope.WINDOW)
             probe = Probe(modulation=mod, latent=x, grid=(f, *s.token_grid), patch=s.patch)
-            h = self.hook(call, tokens, run, probe) if self.hook else run(tokens)
+            h = self.hook(call, tokens, run_window, probe) if self.hook else run_window(tokens)
             return m.unpatchify(h @ m.head, f)
 
         kv = self._kv.get(info.branch)
