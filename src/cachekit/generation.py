@@ -39,11 +39,36 @@ class GenerationOutput:
     files: dict = attrs.field(factory=dict)
 
 
+def model_calibration(config: Any, policy_cls: Any, adapter: Any) -> Any:
+    """Use the adapter's shipped calibration when the config names no coefficients.
+
+    Indicator policies (configs with ``coefficients`` and ``coefficients_file``) measure drift
+    in the units of their rescale polynomial. A model adapter may ship the polynomial that
+    ``cachekit calibrate`` fitted on it (``adapter.calibration_file(scope) -> path | None``,
+    scope ``"chunk"`` or ``"window"``). When the user set neither knob, that file is used;
+    the chosen file is part of the config, so ``summary.json`` and the printed summary show it.
+    """
+    fields = getattr(config, "to_dict", lambda: {})()
+    if "coefficients_file" not in fields or "coefficients" not in fields:
+        return config
+    if fields["coefficients_file"] is not None or tuple(fields["coefficients"]) != ():
+        return config
+    finder = getattr(adapter, "calibration_file", None)
+    scope = getattr(getattr(policy_cls, "scope", None), "value", None)
+    path = finder(scope) if (finder is not None and scope is not None) else None
+    return config.evolve(coefficients_file=str(path)) if path is not None else config
+
+
 def build_engine(policy: str, *, registry: Registry, policy_config: Any = None,
                  preset: str | None = None, knobs: dict | None = None,
-                 engine_config: EngineConfig | None = None) -> CacheEngine:
-    """An engine for policy ``policy`` from a config object, a preset and/or knobs."""
-    pol = registry.create_policy(policy, policy_config, preset=preset, **(knobs or {}))
+                 engine_config: EngineConfig | None = None, adapter: Any = None) -> CacheEngine:
+    """An engine for policy ``policy`` from a config object, a preset and/or knobs; with an
+    ``adapter``, indicator policies default to its shipped calibration
+    (:func:`model_calibration`)."""
+    config = registry.policy_config(policy, policy_config, preset=preset, **(knobs or {}))
+    if adapter is not None:
+        config = model_calibration(config, registry.get("policy", policy).factory, adapter)
+    pol = registry.create_policy(policy, config)
     return CacheEngine(pol, config=engine_config, registry=registry)
 
 
@@ -73,7 +98,8 @@ def run_generation(*, model: str = "refdit", policy: str = "none", preset: str |
     _check_adapter(adapter, model)
     sampler = sampler or getattr(adapter, "default_sampler", lambda: SamplerConfig())()
     engine = build_engine(policy, registry=registry, policy_config=policy_config, preset=preset,
-                          knobs=knobs, engine_config=engine_config) if use_engine else None
+                          knobs=knobs, engine_config=engine_config,
+                          adapter=adapter) if use_engine else None
     scope = engine.policy.scope if engine is not None else None
     if scope is not None and scope.value == "window" and sampler.mode != "vanilla":
         sampler = sampler.evolve(mode="vanilla")

@@ -125,3 +125,29 @@ def test_calibration_fit_and_warnings(toy):
                                                                   ar_step=1), model="toy")
     assert data["num_pairs"] == sum(data["pairs_per_branch"].values()) > 0
     assert data["scope"] == "chunk" and len(data["coefficients"]) == 5
+
+
+def test_model_calibration_is_the_default_only_when_no_coefficients_are_set(tmp_path):
+    from cachekit.calibration import save_calibration
+
+    path = save_calibration({"format": "cachekit.calibration/1", "model": "toy",
+                             "scope": "chunk", "indicator": "modulation", "degree": 1,
+                             "coefficients": [0.5, 0.0], "x_range": [0.0, 2.0]},
+                            tmp_path / "cal.json")
+
+    class CalibratedToy(ToyModel):
+        def calibration_file(self, scope):
+            return path if scope == "chunk" else None
+
+    sampler = SamplerConfig(num_frames=8, num_steps=6, ar_step=1)
+    out = run_generation(adapter=CalibratedToy(), model="toy", policy="flowcache",
+                         sampler=sampler)
+    assert out.summary["settings"]["coefficients_file"] == str(path)
+    # an explicit choice wins, identity included
+    out = run_generation(adapter=CalibratedToy(), model="toy", policy="flowcache",
+                         knobs={"coefficients": [1.0, 0.0]}, sampler=sampler)
+    assert out.summary["settings"]["coefficients_file"] is None
+    # a window-scope policy gets nothing from a chunk-scope calibration
+    out = run_generation(adapter=CalibratedToy(), model="toy", policy="teacache",
+                         sampler=sampler)
+    assert out.summary["settings"]["coefficients_file"] is None
