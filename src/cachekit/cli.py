@@ -57,6 +57,8 @@ __all__ = [
     "registry_from_args",
 ]
 
+from . import bench as _bench  # noqa: E402  (imports no torch at import time)
+
 PROG = "cachekit"
 
 
@@ -346,7 +348,12 @@ COMMANDS: list[Command] = [
             description="Record (modulation change, residual change) pairs of uncached "
                         "generations and fit the rescale polynomial policies take through "
                         "coefficients_file. Writes JSON with provenance."),
-    # Later: Command("bench", ...), Command("metrics", ...).
+    Command("bench", "benchmark policies against the uncached model (wall time, FLOPs, "
+            "PSNR/SSIM)", _bench.add_bench_arguments, _bench.run_bench),
+    Command("metrics", "PSNR/SSIM of video A against reference B",
+            _bench.add_metrics_arguments, _bench.run_metrics),
+    Command("report", "regenerate figures, the README table and docs/benchmarks.md from a "
+            "bench folder", _bench.add_report_arguments, _bench.run_report),
 ]
 
 

@@ -48,7 +48,7 @@ def model_calibration(config: Any, policy_cls: Any, adapter: Any) -> Any:
     scope ``"chunk"`` or ``"window"``). When the user set neither knob, that file is used;
     the chosen file is part of the config, so ``summary.json`` and the printed summary show it.
     """
-    fields = getattr(config, "to_dict", lambda: {})()
+    fields: dict[str, Any] = getattr(config, "to_dict", lambda: {})()
     if "coefficients_file" not in fields or "coefficients" not in fields:
         return config
     if fields["coefficients_file"] is not None or tuple(fields["coefficients"]) != ():

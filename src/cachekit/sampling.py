@@ -31,7 +31,7 @@ from .errors import ConfigError, invalid_value
 from .stats import CacheStats
 from .types import ChunkState, IterationInfo, tensor_repr
 
-__all__ = ["SamplerConfig", "GenerationResult", "generate", "window_rows"]
+__all__ = ["SamplerConfig", "GenerationResult", "generate", "window_rows", "plan_generation"]
 
 
 @attrs.frozen(kw_only=True)
@@ -104,6 +104,28 @@ def window_rows(cfg: SamplerConfig, num_frames: int, chunk_frames: int,
     return [(tuple(st for st, _ in row), tuple(k for _, k in row)) for row in s.chunk_rows()]
 
 
+def plan_generation(cfg: SamplerConfig, spec: Any) -> list[tuple[Any, list]]:
+    """``[(WindowPlan, rows)]`` of a generation: its windows and each window's per-iteration
+    ``(states, steps)`` rows, exactly as :func:`generate` runs them. Validates the geometry
+    against the model's ``spec`` (``max_frames``)."""
+    cbs = cfg.causal_block_size or spec.chunk_frames
+    base = cfg.base_num_frames or spec.max_frames
+    if cfg.schedule == "magi":
+        if cfg.num_frames > spec.max_frames:
+            raise ConfigError(invalid_value(
+                "num_frames", f"<= {spec.max_frames} (the model's max_frames) for schedule='magi'",
+                cfg.num_frames, "The MAGI schedule runs one sliding window over the whole video; "
+                "use schedule='skyreels' with overlap_history for longer videos."))
+        plans = [sched.WindowPlan(index=0, start=0, end=cfg.num_frames, prefix_frames=0,
+                                   output_start=0)]
+    else:
+        if base > spec.max_frames:
+            raise ConfigError(invalid_value("base_num_frames", f"<= {spec.max_frames}", base))
+        plans = sched.plan_windows(cfg.num_frames, min(base, cfg.num_frames), cfg.overlap_history,
+                                   causal_block_size=cbs)
+    return [(p, window_rows(cfg, p.end - p.start, cbs, p.prefix_frames)) for p in plans]
+
+
 def _branches(cfg: SamplerConfig, uncond: Optional[torch.Tensor]) -> list[str]:
     return ["cond"] if (uncond is None or cfg.guidance_scale == 1.0) else ["cond", "uncond"]
 
@@ -124,25 +146,13 @@ def generate(adapter: Any, cond: torch.Tensor, *, config: SamplerConfig | None =
     cfg = config or SamplerConfig()
     spec = adapter.spec
     cbs = cfg.causal_block_size or spec.chunk_frames
-    base = cfg.base_num_frames or spec.max_frames
     batch = cond.shape[0]
     branches = _branches(cfg, uncond)
     conds = {"cond": cond, "uncond": uncond}
 
-    if cfg.schedule == "magi":
-        if cfg.num_frames > spec.max_frames:
-            raise ConfigError(invalid_value(
-                "num_frames", f"<= {spec.max_frames} (the model's max_frames) for schedule='magi'",
-                cfg.num_frames, "The MAGI schedule runs one sliding window over the whole video; "
-                "use schedule='skyreels' with overlap_history for longer videos."))
-        plans = [sched.WindowPlan(index=0, start=0, end=cfg.num_frames, prefix_frames=0,
-                                   output_start=0)]
-    else:
-        if base > spec.max_frames:
-            raise ConfigError(invalid_value("base_num_frames", f"<= {spec.max_frames}", base))
-        plans = sched.plan_windows(cfg.num_frames, min(base, cfg.num_frames), cfg.overlap_history,
-                                   causal_block_size=cbs)
-    rows_per_window = [window_rows(cfg, p.end - p.start, cbs, p.prefix_frames) for p in plans]
+    planned = plan_generation(cfg, spec)
+    plans = [p for p, _ in planned]
+    rows_per_window = [rows for _, rows in planned]
     total = sum(len(r) for r in rows_per_window)
     sigmas = sched.flow_sigmas(cfg.num_steps, cfg.shift)  # [T+1], last = 0
 
