@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Iterable, Mapping, TypeVar
 
 import attrs
 
-from .errors import ConfigError, invalid_value
+from .errors import ConfigError, field_converter, invalid_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,7 +93,7 @@ def one_of(*choices: Any):
 def knob(default: Any, *, doc: str, trade: str = "", converter: Any = None,
          validator: Any = None) -> Any:
     """An attrs field for a config knob; ``doc`` and ``trade`` feed the policy reference."""
-    return attrs.field(default=default, converter=converter, validator=validator,
+    return attrs.field(default=default, converter=field_converter(converter), validator=validator,
                        metadata={"doc": doc, "trade": trade})
 
 
@@ -104,11 +104,16 @@ def _abbrev(name: str) -> str:
 
 
 def _fmt(value: Any) -> str:
+    """Filename-safe (``[A-Za-z0-9._+-]``) and injective: floats keep every digit (``repr``);
+    in strings every other character, ``+`` included, becomes ``+hex+``; sequences are
+    ``+l...+r`` with ``+s`` between items, so two different settings never share a tag."""
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, float):
-        return f"{value:g}"
-    return re.sub(r"[^A-Za-z0-9.+-]", "", str(value))
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "+l" + "+s".join(_fmt(v) for v in value) + "+r"
+    return re.sub(r"[^A-Za-z0-9.-]", lambda m: f"+{ord(m.group()):x}+", str(value))
 
 
 def _coerce_from_string(text: str) -> Any:

@@ -70,6 +70,9 @@ class CacheEngine:
         self._memory = WindowMemory()
         self._records: list[CallRecord] = []
         self._recomputes: dict[str, int] = {}
+        # key -> why its residual is absent (a dropped non-finite one); used to name the
+        # forced recompute when a reuse finds nothing
+        self._dropped: dict[tuple[str, int], str] = {}
         self._warned: set[str] = set()
         self._in_run = False
         self._window: Optional[int] = None
@@ -98,6 +101,7 @@ class CacheEngine:
         self.store.evictions = 0
         self._records = []
         self._recomputes = {}
+        self._dropped = {}
         self._warned = set()
         self._window = None
         self._in_run = True
@@ -126,6 +130,7 @@ class CacheEngine:
         self._last_step.clear()
         self._memory.clear()
         self.store.clear()
+        self._dropped.clear()
         self._window = int(window)
         self.registry.hook.on_window_start(engine=self, window=self._window)
 
@@ -185,6 +190,10 @@ class CacheEngine:
         decision = policy.decide(call, probe, state, memory)
         kind = decision.kind
         reason = decision.reason
+        n = call.num_tokens
+        if kind is DecisionKind.PARTIAL:
+            # validated before anything else, so a bad subset never passes silently
+            self._check_tokens(decision.tokens, n, key)
         residual = None
         if kind is not DecisionKind.COMPUTE:
             if not policy.needs_residual:
@@ -192,18 +201,17 @@ class CacheEngine:
                                     f"returned {kind.value} for {key}")
             residual = self.store.get(key)
             if residual is None:
-                # Evicted under a budget, or never stored because it was non-finite.
-                self._count_recompute("missing_residual", key, call)
+                # Never stored because it was non-finite, or evicted under a budget.
+                reason = self._dropped.pop(key, "missing_residual")
+                self._count_recompute(reason, key, call)
                 kind = DecisionKind.COMPUTE
-                decision = Decision.compute("missing_residual")
-                reason = "missing_residual"
+                decision = Decision.compute(reason)
             elif residual.shape != h_in.shape:
                 raise ResidualShapeError(invalid_value(
                     f"cached residual for {key}", f"shape {tuple(h_in.shape)} (the block input)",
                     tuple(residual.shape), "The window geometry changed without begin_window(), "
                     "or the adapter passed a different token layout."))
 
-        n = call.num_tokens
         block_s = 0.0
         if kind is DecisionKind.COMPUTE:
             # Snapshot: an in-place block must not turn the residual into zero.
@@ -223,7 +231,7 @@ class CacheEngine:
             h_in_seen = h_in
         else:
             idx = decision.tokens
-            self._check_tokens(idx, n, key)
+            assert idx is not None
             if idx.device != h_in.device:
                 idx = idx.to(h_in.device)
             h_sub = h_in.index_select(1, idx)  # a copy: the snapshot of the subset
@@ -240,8 +248,7 @@ class CacheEngine:
             h_out.index_copy_(1, idx, out_sub)
             delta = out_sub - h_sub_ref
             if self.config.check_finite and not bool(torch.isfinite(delta).all()):
-                self.store.discard(key)
-                self._count_recompute("nonfinite_residual", key, call)
+                self._drop_nonfinite(key, call)
             else:
                 self.store.update(key, idx, delta)
             computed = int(idx.numel())
@@ -265,10 +272,19 @@ class CacheEngine:
 
     def _store_full(self, key: tuple[str, int], residual: torch.Tensor, call: ChunkCall) -> None:
         if self.config.check_finite and not bool(torch.isfinite(residual).all()):
-            self.store.discard(key)
-            self._count_recompute("nonfinite_residual", key, call)
+            self._drop_nonfinite(key, call)
             return
+        self._dropped.pop(key, None)
         self.store.put(key, residual)
+
+    def _drop_nonfinite(self, key: tuple[str, int], call: ChunkCall) -> None:
+        """A computed residual holds NaN/Inf: do not keep it. The model's own output is used
+        as computed; the next reuse of ``key`` finds nothing and recomputes, counted then as
+        ``nonfinite_residual`` (no recompute happens here, so nothing is counted yet)."""
+        self.store.discard(key)
+        self._dropped[key] = "nonfinite_residual"
+        log.warning("cachekit: non-finite residual for %s at step %d (window %s) not stored; "
+                    "the next reuse of this chunk recomputes", key, call.step, self._window)
 
     @staticmethod
     def _check_out(h_out: torch.Tensor, h_ref: torch.Tensor, key) -> None:

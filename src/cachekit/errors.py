@@ -19,6 +19,7 @@ __all__ = [
     "WeightsError",
     "DecisionError",
     "invalid_value",
+    "field_converter",
 ]
 
 
@@ -52,6 +53,29 @@ class WeightsError(CacheKitError, OSError):
 
 class DecisionError(CacheKitError, ValueError):
     """A policy returned a decision the engine cannot apply (token index out of the chunk...)."""
+
+
+def field_converter(fn: Any) -> Any:
+    """Wrap an attrs converter so a failed conversion raises :class:`ConfigError` naming the
+    class and field, the expected type and the value (a bare ``int('two')`` says neither)."""
+    import attrs
+
+    if fn is None or isinstance(fn, attrs.Converter):
+        return fn
+    named = {"to_bool": "true or false", "optional_int": "an integer or none",
+             "_optional_float": "a number or none"}
+    expected = {int: "an integer", float: "a number", bool: "true or false",
+                str: "a string"}.get(fn) or named.get(getattr(fn, "__name__", ""),
+                                                     f"a value accepted by {fn!r}")
+
+    def convert(value: Any, inst: Any, field: Any) -> Any:
+        try:
+            return fn(value)
+        except (TypeError, ValueError) as exc:
+            name = f"{type(inst).__name__}.{field.name}"
+            raise ConfigError(invalid_value(name, expected, value)) from exc
+
+    return attrs.Converter(convert, takes_self=True, takes_field=True)
 
 
 def invalid_value(setting: str, expected: str, got: Any, fix: str | None = None) -> str:

@@ -99,7 +99,11 @@ class Registry:
 
     # -- loading ------------------------------------------------------------------------------
     def add_plugin(self, plugin: Any, name: str | None = None) -> str:
-        """Register a plugin object or module explicitly and run its discovery hooks."""
+        """Register a plugin object or module explicitly and run its discovery hooks.
+
+        All or nothing: a plugin that fails validation or provides a duplicate name is
+        unregistered again, and whatever it had registered is removed.
+        """
         try:
             plugin_name = self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
@@ -108,8 +112,14 @@ class Registry:
             raise PluginError(f"plugin {name or plugin!r} could not be registered: {exc}") from exc
         if plugin_name is None:  # blocked
             raise PluginError(f"plugin {name or plugin!r} is blocked")
-        self._check_pending()
-        self._discover(plugin_name)
+        before = {kind: dict(items) for kind, items in self._items.items()}
+        try:
+            self._check_pending()
+            self._discover(plugin_name)
+        except BaseException:
+            self.pm.unregister(name=plugin_name)
+            self._items = before
+            raise
         return plugin_name
 
     def _explain_validation(self, exc: pluggy.PluginValidationError) -> str:

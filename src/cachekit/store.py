@@ -85,6 +85,10 @@ class MemoryStore:
             stored = stored.contiguous()
         size = _nbytes(stored)
         self.discard(key)
+        if self.budget is not None and size > self.budget and self.on_budget == "evict":
+            # larger than the whole budget: reject it without evicting anything else
+            self.rejected += 1
+            return
         if self.budget is not None and self.nbytes + size > self.budget:
             if self.on_budget == "error":
                 raise BudgetExceededError(

@@ -2,7 +2,8 @@
 
 All classes here are immutable attrs classes validated at construction: a bad value raises
 :class:`cachekit.errors.ConfigError` naming the field, the expected range and the value.
-Tensor fields compare by identity (``eq=False``) and print their shape only.
+Tensor fields print their shape only; a :class:`Probe`'s tensors compare by identity (the same
+signals), a :class:`Decision`'s token subset by value.
 
 Vocabulary (see ``docs/architecture.md``): a *window* is what one sampler pass denoises; a
 *chunk* is a causal block of frames sharing one timestep; a *step* is the k-th update of one
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Protocol
 import attrs
 import torch
 
-from .errors import ConfigError, invalid_value
+from .errors import ConfigError, field_converter, invalid_value
 
 __all__ = [
     "ChunkState",
@@ -33,6 +34,20 @@ __all__ = [
     "tensor_repr",
     "ModelSpec",
 ]
+
+
+def _same_object(a: Any, b: Any) -> bool:
+    return a is b
+
+
+def _same_tokens(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+
+
+_BY_IDENTITY = attrs.cmp_using(eq=_same_object)
+_BY_VALUE = attrs.cmp_using(eq=_same_tokens)
 
 
 def tensor_repr(t: Any) -> str:
@@ -156,7 +171,7 @@ class ChunkCall:
     iteration: int = attrs.field(default=0, validator=_non_negative_int("iteration"))
     frames: int = attrs.field(default=1, validator=_positive_int("frames"))
     tokens_per_frame: int = attrs.field(default=1, validator=_positive_int("tokens_per_frame"))
-    timestep: float = attrs.field(default=0.0, converter=float)
+    timestep: float = attrs.field(default=0.0, converter=field_converter(float))
     scope: Scope = attrs.field(default=Scope.CHUNK)
 
     @branch.validator
@@ -191,8 +206,10 @@ class Probe:
     * ``patch``: the spatial patch size ``(ph, pw)`` mapping latent pixels to tokens.
     """
 
-    modulation: Optional[torch.Tensor] = attrs.field(eq=False, repr=tensor_repr, default=None)
-    latent: Optional[torch.Tensor] = attrs.field(eq=False, repr=tensor_repr, default=None)
+    modulation: Optional[torch.Tensor] = attrs.field(eq=_BY_IDENTITY, hash=False,
+                                                      repr=tensor_repr, default=None)
+    latent: Optional[torch.Tensor] = attrs.field(eq=_BY_IDENTITY, hash=False, repr=tensor_repr,
+                                                  default=None)
     grid: tuple[int, int, int] = attrs.field(converter=as_tuple, default=(1, 1, 1))
     patch: tuple[int, int] = attrs.field(converter=as_tuple, default=(1, 1))
 
@@ -227,7 +244,8 @@ class Decision:
     """
 
     kind: DecisionKind
-    tokens: Optional[torch.Tensor] = attrs.field(default=None, eq=False, repr=tensor_repr)
+    tokens: Optional[torch.Tensor] = attrs.field(default=None, eq=_BY_VALUE, hash=False,
+                                                 repr=tensor_repr)
     reason: str = ""
 
     @classmethod
