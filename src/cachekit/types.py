@@ -171,7 +171,7 @@ class ChunkCall:
     iteration: int = attrs.field(default=0, validator=_non_negative_int("iteration"))
     frames: int = attrs.field(default=1, validator=_positive_int("frames"))
     tokens_per_frame: int = attrs.field(default=1, validator=_positive_int("tokens_per_frame"))
-    timestep: float = attrs.field(default=0.0, converter=field_converter(float))
+    timestep: float = attrs.field(default=0.0, converter=field_converter(float))  # type: ignore[misc]
     scope: Scope = attrs.field(default=Scope.CHUNK)
 
     @branch.validator
