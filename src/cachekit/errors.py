@@ -70,6 +70,8 @@ def field_converter(fn: Any) -> Any:
 
     def convert(value: Any, inst: Any, field: Any) -> Any:
         try:
+            if fn is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError("not an integer")  # int(2.7) would silently give 2
             return fn(value)
         except (TypeError, ValueError) as exc:
             name = f"{type(inst).__name__}.{field.name}"

@@ -73,8 +73,8 @@ def _patchers(registry: Registry) -> list[tuple[str, Optional[ModelPatcher], str
         if isinstance(factory, ModelPatcher):
             out.append((reg.name, factory, ""))
         else:
-            out.append((reg.name, None, "a sampler model (drive it with "
-                        "cachekit.sampling.generate); it does not patch objects"))
+            out.append((reg.name, None, "a sampler model for cachekit.sampling.generate, "
+                        "not a patcher"))
     return out
 
 
@@ -95,12 +95,12 @@ def find_patcher(target: Any, *, registry: Registry | None = None,
         if adapter is not None and name != adapter:
             continue
         if patcher is None:
-            tried.append(f"{name} ({note})")
+            tried.append(f"{name}: {note}")
             continue
         try:
             ok = bool(patcher.handles(target))
         except Exception as exc:  # a broken plugin must not hide the others
-            tried.append(f"{name} (handles() raised {type(exc).__name__}: {exc})")
+            tried.append(f"{name}: handles() raised {type(exc).__name__}: {exc}")
             continue
         if ok:
             return name, patcher
@@ -108,7 +108,7 @@ def find_patcher(target: Any, *, registry: Registry | None = None,
             why = patcher.explain(target)
         except Exception as exc:
             why = f"explain() raised {type(exc).__name__}: {exc}"
-        tried.append(f"{name} ({why})")
+        tried.append(f"{name}: {why}")
     if adapter is not None and not tried:
         raise PluginError(f"unknown model adapter {adapter!r}; registered: "
                           f"{registry.names('model_adapter')}")

@@ -12,6 +12,10 @@
   budget is not stored (also counted). A later ``get`` of a dropped key returns None and the
   engine recomputes that chunk, counting it: results never change silently.
 
+Ownership: ``put`` takes ownership of the tensor it is given (no copy unless it is a view or
+needs a dtype change) and ``get`` returns the stored tensor itself; callers (the engine) pass
+fresh tensors and never modify what ``get`` returns.
+
 It is registered by the core under the name ``memory`` (:mod:`cachekit._core_plugin`).
 """
 
@@ -81,8 +85,10 @@ class MemoryStore:
         stored = residual.detach()
         if self.storage_dtype is not None and stored.dtype != self.storage_dtype:
             stored = stored.to(self.storage_dtype)
-        elif stored.is_contiguous() is False:
-            stored = stored.contiguous()
+        elif not stored.is_contiguous() or \
+                stored.untyped_storage().nbytes() > _nbytes(stored):
+            # a view would keep its whole base tensor alive: hold (and count) only our bytes
+            stored = stored.clone(memory_format=torch.contiguous_format)
         size = _nbytes(stored)
         self.discard(key)
         if self.budget is not None and size > self.budget and self.on_budget == "evict":

@@ -30,12 +30,13 @@ def f(h: torch.Tensor) -> torch.Tensor:
 
 
 class Runner:
-    def __init__(self) -> None:
-        self.calls: list = []
+    def __init__(self, calls: list | None = None, nan: bool = False) -> None:
+        self.calls: list = [] if calls is None else calls
+        self.nan = nan
 
     def __call__(self, h, tokens=None):
         self.calls.append(None if tokens is None else tokens.tolist())
-        return f(h)
+        return f(h) * float("nan") if self.nan else f(h)
 
 
 class Playback:
@@ -91,28 +92,41 @@ def scenarios(draw):
     return windows
 
 
-def reference(windows, present_at_call, storage):
-    """Expected outputs, effective kinds and computed tokens, call by call.
+def reference(windows, present_at_call, storage, nan_calls=frozenset()):
+    """Expected outputs, effective kinds, computed tokens and override reasons, call by call.
 
     ``present_at_call[i]`` says whether the store held the key's residual right before call
-    ``i`` (always true after a compute without a budget; under a budget the store may have
-    dropped it, and the engine must then compute).
+    ``i`` (always true after a finite compute without a budget; under a budget the store may
+    have dropped it, and the engine must then compute). Calls in ``nan_calls`` run blocks that
+    return NaN: their residual is never kept, and the next reuse of the key recomputes,
+    counted as ``nonfinite_residual``.
     """
     def rnd(x):
         return x.to(storage).to(x.dtype) if storage is not None else x
 
-    outs, kinds, computed = [], [], []
+    def g(x, i):
+        return f(x) * float("nan") if i in nan_calls else f(x)
+
+    outs, kinds, computed, reasons = [], [], [], []
     i = 0
     for calls in windows:
         res: dict = {}
+        dropped: dict = {}
         for call, d, h in calls:
             key = call.key
             kind = d.kind
+            reason = d.reason
             if kind is not DecisionKind.COMPUTE and not present_at_call[i]:
                 kind = DecisionKind.COMPUTE
+                reason = dropped.pop(key, "missing_residual")
             if kind is DecisionKind.COMPUTE:
-                out = f(h)
-                res[key] = rnd(f(h) - h)
+                out = g(h, i)
+                if i in nan_calls:
+                    res.pop(key, None)
+                    dropped[key] = "nonfinite_residual"
+                else:
+                    res[key] = rnd(f(h) - h)
+                    dropped.pop(key, None)
                 computed.append(call.num_tokens)
             elif kind is DecisionKind.REUSE:
                 out = h + res[key]
@@ -120,15 +134,20 @@ def reference(windows, present_at_call, storage):
             else:
                 idx = d.tokens
                 out = h + res[key]
-                out[:, idx] = f(h[:, idx])
-                r = res[key].clone()
-                r[:, idx] = rnd(f(h[:, idx]) - h[:, idx])
-                res[key] = r
+                out[:, idx] = g(h[:, idx], i)
+                if i in nan_calls:
+                    del res[key]
+                    dropped[key] = "nonfinite_residual"
+                else:
+                    r = res[key].clone()
+                    r[:, idx] = rnd(f(h[:, idx]) - h[:, idx])
+                    res[key] = r
                 computed.append(int(idx.numel()))
             outs.append(out)
             kinds.append(kind.value)
+            reasons.append(reason)
             i += 1
-    return outs, kinds, computed
+    return outs, kinds, computed, reasons
 
 
 _REG = None
@@ -141,18 +160,22 @@ def registry() -> Registry:
     return _REG
 
 
-def run_engine(windows, cfg):
+def run_engine(windows, cfg, nan_calls=frozenset()):
     script = {(c.window, c.branch, c.chunk, c.step): d for calls in windows for c, d, _ in calls}
     eng = CacheEngine(Playback(script), config=cfg, registry=registry())
     run = Runner()
     outs, present = [], []
     eng.begin_run()
+    i = 0
     for w, calls in enumerate(windows):
         eng.begin_window(w)
         for call, _, h in calls:
             present.append(call.key in eng.store)
-            outs.append(eng(call, h.clone(), run, PROBE))
+            outs.append(eng(call, h.clone(), Runner(run.calls, nan=i in nan_calls), PROBE))
             eng.store.check_valid()
+            # a non-finite residual is never kept
+            assert all(bool(torch.isfinite(eng.store.get(k)).all()) for k in eng.store.keys())
+            i += 1
     summary = eng.end_run()
     return outs, present, summary, run, eng
 
@@ -162,7 +185,7 @@ def run_engine(windows, cfg):
 def test_engine_equals_the_reference_model(windows, store_dtype):
     cfg = EngineConfig(store_dtype=store_dtype)
     outs, present, s, run, _ = run_engine(windows, cfg)
-    exp, kinds, computed = reference(windows, present, _TORCH.get(store_dtype))
+    exp, kinds, computed, _ = reference(windows, present, _TORCH.get(store_dtype))
     flat = [c for calls in windows for c in calls]
     for i, (a, b) in enumerate(zip(outs, exp)):
         assert torch.equal(a, b), f"call {i}: {flat[i][0]} {flat[i][1]}"
@@ -186,7 +209,7 @@ def test_engine_equals_the_reference_model(windows, store_dtype):
 def test_engine_under_a_budget_recomputes_what_was_dropped(windows, budget, store_dtype):
     cfg = EngineConfig(store_dtype=store_dtype, budget_bytes=budget, on_budget="evict")
     outs, present, s, run, eng = run_engine(windows, cfg)
-    exp, kinds, computed = reference(windows, present, _TORCH.get(store_dtype))
+    exp, kinds, computed, _ = reference(windows, present, _TORCH.get(store_dtype))
     for a, b in zip(outs, exp):
         assert torch.equal(a, b)
     flat = [c for calls in windows for c in calls]
@@ -243,3 +266,25 @@ def test_decisions_strategy_yields_valid_partials(n, data):
 def test_decisions_strategy_refuses_impossible_kinds(data):
     with pytest.raises(ValueError, match="num_tokens=1"):
         data.draw(cks.decisions(1, kinds=("partial",)))
+
+
+@SETTINGS
+@given(windows=scenarios(), data=st.data())
+def test_nonfinite_blocks_are_never_reused_and_counted_once(windows, data):
+    n_calls = sum(len(c) for c in windows)
+    flags = data.draw(st.lists(st.sampled_from([False, False, True]), min_size=n_calls,
+                               max_size=n_calls))
+    nan_calls = frozenset(i for i, bad in enumerate(flags) if bad)
+    budget = data.draw(st.one_of(st.none(), st.integers(0, 400)))
+    outs, present, s, _, _ = run_engine(windows, EngineConfig(budget_bytes=budget), nan_calls)
+    exp, kinds, computed, reasons = reference(windows, present, None, nan_calls)
+    for a, b in zip(outs, exp):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    flat = [c for calls in windows for c in calls]
+    assert [r.kind for r in s.records] == kinds
+    assert [r.reason for r in s.records] == reasons
+    overridden = [r for (k, (c, d, _)), r in zip(zip(kinds, flat), reasons) if d.kind.value != k]
+    expected = {}
+    for r in overridden:
+        expected[r] = expected.get(r, 0) + 1
+    assert s.recomputes == expected  # each forced recompute counted once, with its reason

@@ -245,3 +245,11 @@ def test_registered_as_memory(registry):
     assert reg.factory is MemoryStore and reg.provider == "cachekit.core"
     s = registry.create_store("memory", EngineConfig(budget_bytes=8))
     assert isinstance(s, MemoryStore) and s.budget == 8
+
+
+def test_a_view_is_accounted_for_what_it_holds():
+    s = store(budget_bytes=64)
+    base = torch.zeros(1, 1000, 4)
+    s.put(K0, base[:, :2])  # 32 bytes of view, 16000 bytes of storage
+    held = s._data[K0][0].untyped_storage().nbytes()
+    assert held <= 64, f"holding {held} bytes under a 64-byte budget"
