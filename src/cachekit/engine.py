@@ -92,13 +92,18 @@ class CacheEngine:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def begin_run(self, **info: Any) -> None:
-        """Start a generation: drops every state, residual, record and counter."""
+        """Start a generation: drops every state, residual, record and counter (a window left
+        open by an interrupted run is closed first, so ``on_window_end`` still fires)."""
+        if self._window is not None:
+            self.end_window()
         self._states.clear()
         self._last_step.clear()
         self._memory.clear()
         self.store.clear()
         self.store.peak_nbytes = 0
         self.store.evictions = 0
+        if hasattr(self.store, "rejected"):
+            self.store.rejected = 0
         self._records = []
         self._recomputes = {}
         self._dropped = {}

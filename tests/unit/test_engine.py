@@ -703,3 +703,21 @@ def test_drive_helper_matches_its_schedule(rows):
     assert rs[0].states == (ChunkState.PREFIX, ChunkState.ACTIVE, ChunkState.PENDING)
     assert rs[-1].states == (ChunkState.PREFIX, ChunkState.FINISHED, ChunkState.ACTIVE)
     assert [r.steps[1] for r in rs] == [0, 1, 2]
+
+
+def test_begin_run_closes_a_window_left_open(registry):
+    events = []
+
+    class Recorder:
+        @hookimpl
+        def on_window_end(self, engine, window):
+            events.append(("end", window))
+
+    reg = Registry(autoload=True)
+    reg.add_plugin(Recorder())
+    eng = CacheEngine(reg.create_policy("none"), registry=reg)
+    eng.begin_run()
+    eng.begin_window(3)
+    eng.begin_run()  # an interrupted run: the open window is closed, then all state dropped
+    assert events == [("end", 3)]
+    assert eng.summary().calls == 0
