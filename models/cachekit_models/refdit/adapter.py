@@ -1,0 +1,335 @@
+"""Model adapter for the reference DiT: the contract the core sampler and cache engine rely on.
+
+Two execution modes of one window:
+
+* ``vanilla``: the whole window is one sequence with the block-causal mask, every chunk
+  (finished, prefix and pending ones too) is recomputed at every call, as stock SkyReels-V2.
+  A hook sees the window as one unit (``Scope.WINDOW``) and may only run all tokens.
+* ``chunked``: chunk by chunk in ascending order through per-branch, per-layer K/V buffers
+  sized to the window (slot ``g`` = chunk ``g``'s tokens), as the FlowCache / MotionCache
+  SkyReels transformers do. Pending chunks and chunks after the last active chunk are never
+  run; finished and prefix chunks run once (blocks only) to fill their slot; active chunks go
+  through the hook (``Scope.CHUNK``). Because attention is block-causal and a finished chunk's
+  latent and sigma no longer change, this equals vanilla on the active chunks up to float
+  reordering (the lossless layer of DESIGN.md section 2).
+
+The hook protocol is ``hook(call, h_in, run, probe) -> h_out`` (:data:`cachekit.types.ChunkHook`);
+``run`` is a :class:`cachekit.types.BlockRunner` that can also run a sorted token subset.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from cachekit.errors import CacheContextError, ConfigError, invalid_value
+from cachekit.types import (ChunkCall, ChunkHook, ChunkState, IterationInfo, ModelSpec, Probe,
+                            Scope)
+
+from ..synthetic import Condition, sample_condition
+from .model import RefDiT
+
+__all__ = ["RefDiTAdapter", "RefDiTSession", "MODES", "load_adapter"]
+
+MODES = ("chunked", "vanilla")
+# Sampler defaults for the bundled model (checked by eye on its sample sheets): a shift of 2
+# suits 32x32 pixels (big latents want larger shifts); CFG 3 keeps colours saturated without
+# burning the background.
+DEFAULT_STEPS, DEFAULT_AR_STEP, DEFAULT_SHIFT, DEFAULT_GUIDANCE = 20, 2, 2.0, 3.0
+_CONTEXT_STATES = (ChunkState.FINISHED, ChunkState.PREFIX)
+
+
+class RefDiTAdapter:
+    """Wraps a :class:`RefDiT` (default: the bundled weights) for the sampler and engine."""
+
+    name = "refdit"
+
+    def __init__(self, model: Optional[RefDiT] = None):
+        if model is None:
+            from .loading import load_refdit
+            model = load_refdit()
+        self.model = model.eval()
+        self.spec: ModelSpec = model.cfg.spec(self.name)
+
+    # -- conditions ------------------------------------------------------------------------------
+    def parse_condition(self, text: str) -> Condition:
+        return Condition.parse(text)
+
+    def sample_condition(self, seed: int) -> Condition:
+        return sample_condition(seed)
+
+    @torch.no_grad()
+    def encode_condition(self, conds: Sequence[Union[Condition, str]]) -> Tensor:
+        """Condition tokens ``[B, L, D]`` (L = one token per attribute); strings are parsed."""
+        conds = [c if isinstance(c, Condition) else Condition.parse(c) for c in conds]
+        if not conds:
+            raise ConfigError(invalid_value("conds", "at least one condition", conds))
+        ids = torch.tensor([c.ids() for c in conds], dtype=torch.long)
+        dev = next(self.model.parameters()).device
+        return self.model.encode_condition(ids.to(dev))
+
+    @torch.no_grad()
+    def null_condition(self, batch: int) -> Tensor:
+        """The learned unconditional tokens ``[B, L, D]`` for the CFG ``uncond`` branch."""
+        return self.model.null_condition(batch).clone()
+
+    def encode_prompt(self, prompt: Optional[str], *, seed: int,
+                      batch: int) -> tuple[Tensor, Tensor, str]:
+        """``(cond [B,L,D], uncond [B,L,D], text)`` for ``cachekit generate``.
+
+        ``prompt`` is a condition string (``"shape=circle,color=red,motion=fast"``; unnamed
+        attributes keep their defaults); None draws a random condition from ``seed``.
+        """
+        cond = self.parse_condition(prompt) if prompt else self.sample_condition(seed)
+        return self.encode_condition([cond] * batch), self.null_condition(batch), str(cond)
+
+    def decode(self, x: Tensor):
+        """Model space ``[B, C, F, H, W]`` ([-1, 1] RGB) -> numpy ``[B, F, H, W, 3]`` in [0, 1]."""
+        return ((x.detach().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+    def default_sampler(self):
+        """Sampler settings the bundled model was checked with (one 16-frame window)."""
+        from cachekit.sampling import SamplerConfig  # core sampler; imported lazily
+        return SamplerConfig(num_frames=self.spec.max_frames, num_steps=DEFAULT_STEPS,
+                             ar_step=DEFAULT_AR_STEP, shift=DEFAULT_SHIFT,
+                             guidance_scale=DEFAULT_GUIDANCE)
+
+    # -- execution -------------------------------------------------------------------------------
+    def session(self, *, batch: int, mode: str = "chunked",
+                hook: Optional[ChunkHook] = None) -> "RefDiTSession":
+        """A generation session (owns the per-branch K/V buffers of the current window)."""
+        return RefDiTSession(self.model, batch=batch, mode=mode, hook=hook)
+
+
+def load_adapter(path=None, *, verify: bool = True, device: str = "cpu") -> RefDiTAdapter:
+    """The plugin factory: an adapter around :func:`~.loading.load_refdit` (``path`` default:
+    the bundled weights)."""
+    from .loading import load_refdit
+    return RefDiTAdapter(load_refdit(path, verify=verify, device=device))
+
+
+class RefDiTSession:
+    """Per-generation state of the adapter: K/V buffers per branch, reset by ``begin_window``."""
+
+    def __init__(self, model: RefDiT, *, batch: int, mode: str = "chunked",
+                 hook: Optional[ChunkHook] = None):
+        if mode not in MODES:
+            raise ConfigError(invalid_value("mode", f"one of {', '.join(MODES)}", mode))
+        if not (isinstance(batch, int) and batch >= 1):
+            raise ConfigError(invalid_value("batch", "an int >= 1", batch))
+        self.model = model
+        self.cfg = model.cfg
+        self.batch = batch
+        self.mode = mode
+        self.hook = hook
+        self._window: Optional[int] = None
+        self._frames = 0
+        # branch -> per layer (K, V) buffers [B, heads, frames*tokens_per_frame, head_dim]
+        self._kv: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        # branch -> per chunk: the ChunkState in which its K/V slot was last written (None: never)
+        self._slot_state: dict[str, list[Optional[ChunkState]]] = {}
+
+    # -- window lifecycle ------------------------------------------------------------------------
+    def begin_window(self, window: int, num_frames: int) -> None:
+        """Start window ``window`` of ``num_frames`` frames; clears every branch's K/V buffers."""
+        cf = self.cfg.chunk_frames
+        if not (isinstance(num_frames, int) and num_frames >= cf and num_frames % cf == 0):
+            raise ConfigError(invalid_value("num_frames", f"a positive multiple of "
+                                            f"chunk_frames={cf}", num_frames))
+        self._window = window
+        self._frames = num_frames
+        self._kv.clear()
+        self._slot_state.clear()
+
+    # -- one model call --------------------------------------------------------------------------
+    @torch.no_grad()
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo) -> Tensor:
+        """Velocity of the window for one guidance branch.
+
+        ``x`` ``[B, C, F, H, W]`` in model space ([-1, 1] pixels); ``sigma`` ``[B, F]`` per-frame
+        flow-matching sigma (1 = noise); ``cond`` ``[B, L, D]`` condition tokens of branch
+        ``info.branch`` (encoded or null). Returns ``[B, C, F, H, W]``: every frame in vanilla
+        mode, only the ACTIVE chunks' frames in chunked mode (zeros elsewhere).
+        """
+        self._check_call(x, sigma, cond, info)
+        if self.mode == "vanilla":
+            return self._vanilla(x, sigma, cond, info)
+        return self._chunked(x, sigma, cond, info)
+
+    def _check_call(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo) -> None:
+        if self._window is None:
+            raise CacheContextError("RefDiTSession.velocity: expected begin_window() first, got "
+                                    "no open window. Call session.begin_window(window, frames).")
+        cfg = self.cfg
+        want = (self.batch, cfg.channels, self._frames, cfg.height, cfg.width)
+        if tuple(x.shape) != want:
+            raise ConfigError(invalid_value("x", f"shape [B, C, F, H, W] = {list(want)}",
+                                            list(x.shape)))
+        if tuple(sigma.shape) != (self.batch, self._frames):
+            raise ConfigError(invalid_value("sigma", f"shape [B, F] = [{self.batch}, "
+                                            f"{self._frames}]", list(sigma.shape)))
+        if cond.dim() != 3 or cond.shape[0] != self.batch or cond.shape[2] != cfg.hidden:
+            raise ConfigError(invalid_value("cond", f"shape [B={self.batch}, L, D={cfg.hidden}]",
+                                            list(cond.shape)))
+        if info.chunk_frames != cfg.chunk_frames or info.num_frames != self._frames:
+            raise ConfigError(invalid_value(
+                "IterationInfo", f"chunk_frames={cfg.chunk_frames} and "
+                f"{self._frames // cfg.chunk_frames} chunks", (info.chunk_frames, info.num_chunks)))
+        if info.window != self._window:
+            raise CacheContextError(invalid_value(
+                "IterationInfo.window", f"the open window {self._window}", info.window,
+                "Call begin_window() for each new window."))
+
+    # -- vanilla ---------------------------------------------------------------------------------
+    def _vanilla(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo) -> Tensor:
+        m, cfg = self.model, self.cfg
+        frames = x.shape[2]
+        e, e0 = m.time_embedding(sigma)
+        fidx = m.frame_index(frames).to(x.device)
+        cos, sin = (t.to(x.device) for t in m.rope(frames))
+        mask = m.block_causal_mask(frames).to(x.device)
+
+        def run(h: Tensor, tokens: Optional[Tensor] = None) -> Tensor:
+            if tokens is not None:
+                raise NotImplementedError(
+                    "refdit vanilla mode runs the whole window as one sequence; token-level "
+                    "reuse (run(h, tokens)) needs mode='chunked'.")
+            return m.run_blocks(h, e0, fidx, cos, sin, cond, mask)
+
+        h_in = m.embed(x)
+        if self.hook is None:
+            h_out = run(h_in)
+        else:
+            ht, wt = cfg.grid
+            call = ChunkCall(branch=info.branch, chunk=0, step=info.iteration,
+                             num_steps=info.num_iterations, window=info.window,
+                             iteration=info.iteration, frames=frames,
+                             tokens_per_frame=cfg.tokens_per_frame,
+                             timestep=float(sigma.mean()) * 1000.0, scope=Scope.WINDOW)
+            probe = Probe(modulation=e0, latent=x, grid=(frames, ht, wt),
+                          patch=(cfg.patch, cfg.patch))
+            h_out = self.hook(call, h_in, run, probe)
+        return m.unpatchify(m.run_head(h_out, e, fidx), frames)
+
+    # -- chunked ---------------------------------------------------------------------------------
+    def _buffers(self, branch: str, like: Tensor) -> list[tuple[Tensor, Tensor]]:
+        if branch not in self._kv:
+            cfg = self.cfg
+            shape = (self.batch, cfg.heads, self._frames * cfg.tokens_per_frame, cfg.head_dim)
+            self._kv[branch] = [(like.new_zeros(shape), like.new_zeros(shape))
+                                for _ in range(cfg.num_blocks)]
+            self._slot_state[branch] = [None] * (self._frames // cfg.chunk_frames)
+        return self._kv[branch]
+
+    def _chunked(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo) -> Tensor:
+        m, cfg = self.model, self.cfg
+        out = torch.zeros_like(x)
+        active = info.active_chunks()
+        if not active:
+            return out
+        last = active[-1]
+        pending = [g for g in range(last) if info.states[g] is ChunkState.PENDING]
+        if pending:
+            raise ConfigError(invalid_value(
+                "IterationInfo.states", "no PENDING chunk before an ACTIVE one (chunked "
+                "execution never runs pending chunks, so later chunks could not see them)",
+                [s.value for s in info.states], "Use mode='vanilla' for such schedules."))
+        kv = self._buffers(info.branch, x)
+        slot_state = self._slot_state[info.branch]
+        cf, tpf = cfg.chunk_frames, cfg.tokens_per_frame
+        n_chunk = cf * tpf
+        cos_all, sin_all = (t.to(x.device) for t in m.rope(self._frames))
+        fidx = m.frame_index(cf).to(x.device)     # token -> frame within the chunk
+        ht, wt = cfg.grid
+        for g in range(last + 1):
+            state = info.states[g]
+            if state in _CONTEXT_STATES and slot_state[g] is state:
+                continue  # its K/V already holds this (unchanging) context
+            fs = slice(g * cf, (g + 1) * cf)
+            xg, sg = x[:, :, fs], sigma[:, fs]
+            e, e0 = m.time_embedding(sg)
+            run = _ChunkRunner(self, kv, slot_state, g, state, e0, fidx,
+                               cos_all[g * n_chunk:(g + 1) * n_chunk],
+                               sin_all[g * n_chunk:(g + 1) * n_chunk], cond)
+            h_in = m.embed(xg)
+            if state is not ChunkState.ACTIVE:
+                run(h_in)  # context only: fill slot g, the head output is never used
+                continue
+            if self.hook is None:
+                h_out = run(h_in)
+            else:
+                call = ChunkCall(branch=info.branch, chunk=g, step=info.steps[g],
+                                 num_steps=info.num_steps, window=info.window,
+                                 iteration=info.iteration, frames=cf, tokens_per_frame=tpf,
+                                 timestep=float(sg[:, 0].mean()) * 1000.0, scope=Scope.CHUNK)
+                probe = Probe(modulation=e0, latent=xg, grid=(cf, ht, wt),
+                              patch=(cfg.patch, cfg.patch))
+                h_out = self.hook(call, h_in, run, probe)
+            out[:, :, fs] = m.unpatchify(m.run_head(h_out, e, fidx), cf)
+        return out
+
+
+class _ChunkRunner:
+    """The :class:`cachekit.types.BlockRunner` of chunk ``g`` in chunked mode.
+
+    ``run(h)`` runs all blocks on the chunk's ``N`` tokens, writes the whole K/V slot ``g`` of
+    each layer and attends to slots ``0..g``. ``run(h_sub, tokens)`` does the same for a sorted
+    token subset: modulation and RoPE rows are gathered at the tokens' true frames/positions,
+    their K/V is written into slot ``g`` at those positions (the rest of the slot keeps what it
+    had), and the subset queries attend to slots ``< g`` plus the whole slot ``g``.
+    """
+
+    def __init__(self, session: RefDiTSession, kv, slot_state, g: int, state: ChunkState,
+                 e0: Tensor, fidx: Tensor, cos: Tensor, sin: Tensor, cond: Tensor):
+        self.session = session
+        self.kv, self.slot_state = kv, slot_state
+        self.g, self.state = g, state
+        self.e0, self.fidx, self.cos, self.sin, self.cond = e0, fidx, cos, sin, cond
+        self.num_tokens = fidx.numel()
+        self.start = g * self.num_tokens
+
+    def _check_tokens(self, h: Tensor, tokens: Tensor) -> None:
+        n = self.num_tokens
+        if not (isinstance(tokens, Tensor) and tokens.dim() == 1 and tokens.dtype == torch.long
+                and 0 < tokens.numel() <= n):
+            raise ConfigError(invalid_value("tokens", f"a 1-D int64 index of 1..{n} tokens",
+                                            tokens if not isinstance(tokens, Tensor)
+                                            else f"{tokens.dtype} {list(tokens.shape)}"))
+        if int(tokens.min()) < 0 or int(tokens.max()) >= n or \
+                (tokens.numel() > 1 and not bool((tokens[1:] > tokens[:-1]).all())):
+            raise ConfigError(invalid_value("tokens", f"sorted unique indices in [0, {n})",
+                                            "an unsorted, duplicate or out-of-range index"))
+        if h.shape[1] != tokens.numel():
+            raise ConfigError(invalid_value("h", f"[B, K={tokens.numel()}, D] for K tokens",
+                                            list(h.shape)))
+
+    @torch.no_grad()
+    def __call__(self, h: Tensor, tokens: Optional[Tensor] = None) -> Tensor:
+        end = self.start + self.num_tokens
+        if tokens is None:
+            if h.shape[1] != self.num_tokens:
+                raise ConfigError(invalid_value("h", f"[B, N={self.num_tokens}, D]",
+                                                list(h.shape)))
+            fidx, cos, sin = self.fidx, self.cos, self.sin
+
+            def write(buf: Tensor, new: Tensor) -> None:
+                buf[:, :, self.start:end] = new
+        else:
+            self._check_tokens(h, tokens)
+            tokens = tokens.to(h.device)
+            fidx, cos, sin = self.fidx[tokens], self.cos[tokens], self.sin[tokens]
+            pos = tokens + self.start
+
+            def write(buf: Tensor, new: Tensor) -> None:
+                buf.index_copy_(2, pos, new)
+
+        for block, (kbuf, vbuf) in zip(self.session.model.blocks, self.kv):
+            def kv_fn(k: Tensor, v: Tensor, kbuf=kbuf, vbuf=vbuf):
+                write(kbuf, k)
+                write(vbuf, v)
+                return kbuf[:, :, :end], vbuf[:, :, :end]
+            h = block(h, self.e0, fidx, cos, sin, self.cond, kv_fn=kv_fn, mask=None)
+        self.slot_state[self.g] = self.state
+        return h
