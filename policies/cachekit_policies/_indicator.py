@@ -25,7 +25,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import attrs
 import torch
@@ -388,3 +388,52 @@ def recomputed_everything(outcome: Outcome) -> bool:
 def threshold_knob(default: float, *, doc: str) -> Any:
     return knob(default, converter=float, validator=in_range(0.0),
                 doc=doc, trade="larger = more reuse (faster), less faithful; 0 = never reuse")
+
+
+class AccumulateResetPolicy:
+    """The TeaCache rule as a policy: one accumulate-and-reset state per engine key.
+
+    ``flowcache`` (per (branch, chunk), chunked execution) and ``teacache`` (per branch, one
+    decision per window, vanilla execution) are this same algorithm at two scopes; they differ
+    only in their config (defaults, docs, presets) and these class attributes:
+
+    * ``name``, ``scope``, ``contract`` as for any policy;
+    * ``config_cls``: the config class (fields ``threshold``, ``warmup_steps``,
+      ``compute_last`` and the coefficient knobs);
+    * ``indicator_scope``: ``"chunk"`` or ``"window"``, the calibration scope its
+      coefficients must come from.
+
+    Forced computes: steps ``< warmup_steps`` and, with ``compute_last``, the last step (in
+    the engine call's own step count: the chunk's steps, or the window's iterations).
+    """
+
+    name: ClassVar[str]
+    scope: ClassVar[Any]
+    needs_residual: ClassVar[bool] = True
+    config_cls: ClassVar[type]
+    indicator_scope: ClassVar[str]
+
+    def __init__(self, config: Any = None, registry: Any = None) -> None:
+        self.config = config or self.config_cls()
+        self.indicator = Indicator.from_config(self.config, self.name, self.indicator_scope)
+
+    def new_state(self, call: ChunkCall) -> "IndicatorState":
+        return IndicatorState()
+
+    def decide(self, call: ChunkCall, probe: Probe, state: "IndicatorState",
+               memory: dict) -> Decision:
+        # Syncs the device once (the distance); engine calls run eagerly, outside any
+        # compiled region.
+        c = self.config
+        forced = None
+        if call.step < c.warmup_steps:
+            forced = "warmup"
+        elif c.compute_last and call.step == call.num_steps - 1:
+            forced = "last_step"
+        return state.step(self.indicator, c.threshold, modulation_of(probe, call, self.name),
+                          forced)
+
+    def observe(self, call: ChunkCall, probe: Probe, state: "IndicatorState", outcome: Outcome,
+                memory: dict) -> None:
+        if recomputed_everything(outcome):
+            state.acc = 0.0

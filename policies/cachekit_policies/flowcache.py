@@ -20,23 +20,19 @@ from typing import ClassVar, Optional
 import attrs
 
 from cachekit.config import ConfigBase, in_range, knob, to_bool
-from cachekit.protocols import Outcome
 from cachekit.protocols import PolicyContract
-from cachekit.types import ChunkCall, Decision, Probe, Scope
+from cachekit.types import Scope
 
 from ._indicator import (
-    Indicator,
-    IndicatorState,
+    AccumulateResetPolicy,
     check_coefficient_settings,
     coefficients_file_knob,
     coefficients_knob,
     coefficients_range_knob,
-    modulation_of,
-    recomputed_everything,
     threshold_knob,
 )
 
-__all__ = ["FlowCacheConfig", "FlowCachePolicy", "FlowCacheState"]
+__all__ = ["FlowCacheConfig", "FlowCachePolicy"]
 
 
 @attrs.frozen(kw_only=True)
@@ -68,44 +64,16 @@ class FlowCacheConfig(ConfigBase):
         check_coefficient_settings(self)
 
 
-@attrs.define(slots=True)
-class FlowCacheState(IndicatorState):
-    """Per-(branch, chunk) state: accumulator and the chunk's modulation at its last step."""
-
-
-class FlowCachePolicy:
+class FlowCachePolicy(AccumulateResetPolicy):
     """Per-chunk accumulate-and-reset reuse (see module docstring)."""
 
     name: ClassVar[str] = "flowcache"
     scope: ClassVar[Scope] = Scope.CHUNK
-    needs_residual: ClassVar[bool] = True
     #: Hints for the policy contract suite (cachekit.testing.contract). The speed values suit
     #: the toy model's trajectory, whose modulation drifts by about 1 per step.
     contract: ClassVar[PolicyContract] = PolicyContract(
         lossless={"threshold": 0.0}, speed_knob="threshold",
         speed_values=(0.0, 0.5, 1.0, 2.0, 4.0), warmup_knob="warmup_steps",
         stress={"warmup_steps": 1})
-
-    def __init__(self, config: FlowCacheConfig | None = None, registry=None) -> None:
-        self.config = config or FlowCacheConfig()
-        self.indicator = Indicator.from_config(self.config, self.name, "chunk")
-
-    def new_state(self, call: ChunkCall) -> FlowCacheState:
-        return FlowCacheState()
-
-    def decide(self, call: ChunkCall, probe: Probe, state: FlowCacheState,
-               memory: dict) -> Decision:
-        # One device sync (the distance); runs eagerly, outside compiled regions.
-        c = self.config
-        forced = None
-        if call.step < c.warmup_steps:
-            forced = "warmup"
-        elif c.compute_last and call.step == call.num_steps - 1:
-            forced = "last_step"
-        return state.step(self.indicator, c.threshold, modulation_of(probe, call, self.name),
-                          forced)
-
-    def observe(self, call: ChunkCall, probe: Probe, state: FlowCacheState, outcome: Outcome,
-                memory: dict) -> None:
-        if recomputed_everything(outcome):
-            state.acc = 0.0
+    config_cls: ClassVar[type] = FlowCacheConfig
+    indicator_scope: ClassVar[str] = "chunk"

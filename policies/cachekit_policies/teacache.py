@@ -21,23 +21,19 @@ from typing import ClassVar, Optional
 import attrs
 
 from cachekit.config import ConfigBase, in_range, knob, to_bool
-from cachekit.protocols import Outcome
 from cachekit.protocols import PolicyContract
-from cachekit.types import ChunkCall, Decision, Probe, Scope
+from cachekit.types import Scope
 
 from ._indicator import (
-    Indicator,
-    IndicatorState,
+    AccumulateResetPolicy,
     check_coefficient_settings,
     coefficients_file_knob,
     coefficients_knob,
     coefficients_range_knob,
-    modulation_of,
-    recomputed_everything,
     threshold_knob,
 )
 
-__all__ = ["TeaCacheConfig", "TeaCachePolicy", "TeaCacheState"]
+__all__ = ["TeaCacheConfig", "TeaCachePolicy"]
 
 
 @attrs.frozen(kw_only=True)
@@ -70,45 +66,16 @@ class TeaCacheConfig(ConfigBase):
         check_coefficient_settings(self)
 
 
-@attrs.define(slots=True)
-class TeaCacheState(IndicatorState):
-    """Per-branch state (the engine keys it by ``(branch, 0)``): accumulator, last modulation."""
-
-
-class TeaCachePolicy:
+class TeaCachePolicy(AccumulateResetPolicy):
     """Window-level accumulate-and-reset reuse (see module docstring)."""
 
     name: ClassVar[str] = "teacache"
     scope: ClassVar[Scope] = Scope.WINDOW
-    needs_residual: ClassVar[bool] = True
     #: Hints for the policy contract suite (cachekit.testing.contract). The speed values suit
     #: the toy model's trajectory, whose modulation drifts by about 1 per step.
     contract: ClassVar[PolicyContract] = PolicyContract(
         lossless={"threshold": 0.0}, speed_knob="threshold",
         speed_values=(0.0, 0.5, 1.0, 2.0, 4.0), warmup_knob="warmup_steps",
         stress={"warmup_steps": 1})
-
-    def __init__(self, config: TeaCacheConfig | None = None, registry=None) -> None:
-        self.config = config or TeaCacheConfig()
-        self.indicator = Indicator.from_config(self.config, self.name, "window")
-
-    def new_state(self, call: ChunkCall) -> TeaCacheState:
-        return TeaCacheState()
-
-    def decide(self, call: ChunkCall, probe: Probe, state: TeaCacheState,
-               memory: dict) -> Decision:
-        # Syncs the device once (the distance's .item()); engine calls run eagerly, outside
-        # any compiled region.
-        c = self.config
-        forced = None
-        if call.step < c.warmup_steps:
-            forced = "warmup"
-        elif c.compute_last and call.step == call.num_steps - 1:
-            forced = "last_step"
-        return state.step(self.indicator, c.threshold, modulation_of(probe, call, self.name),
-                          forced)
-
-    def observe(self, call: ChunkCall, probe: Probe, state: TeaCacheState, outcome: Outcome,
-                memory: dict) -> None:
-        if recomputed_everything(outcome):
-            state.acc = 0.0
+    config_cls: ClassVar[type] = TeaCacheConfig
+    indicator_scope: ClassVar[str] = "window"
