@@ -197,3 +197,13 @@ def driver() -> Callable[..., list[torch.Tensor]]:
 @pytest.fixture(scope="session")
 def probe() -> Probe:
     return Probe()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_cpu_thread():
+    """Every test uses small tensors: torch's intra-op threads only add contention on the
+    2-core CI machine (up to 15x slower while another process is busy). One thread for all."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

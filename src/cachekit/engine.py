@@ -96,17 +96,13 @@ class CacheEngine:
         open by an interrupted run is closed first, so ``on_window_end`` still fires)."""
         if self._window is not None:
             self.end_window()
-        self._states.clear()
-        self._last_step.clear()
-        self._memory.clear()
-        self.store.clear()
+        self._reset_window_state()
         self.store.peak_nbytes = 0
         self.store.evictions = 0
         if hasattr(self.store, "rejected"):
             self.store.rejected = 0
         self._records = []
         self._recomputes = {}
-        self._dropped = {}
         self._warned = set()
         self._window = None
         self._in_run = True
@@ -131,11 +127,7 @@ class CacheEngine:
                                     "engine.begin_run() first (or use `with engine.run():`).")
         if self._window is not None:
             self.end_window()
-        self._states.clear()
-        self._last_step.clear()
-        self._memory.clear()
-        self.store.clear()
-        self._dropped.clear()
+        self._reset_window_state()
         self._window = int(window)
         self.registry.hook.on_window_start(engine=self, window=self._window)
 
@@ -270,6 +262,15 @@ class CacheEngine:
         return h_out
 
     # -- helpers ------------------------------------------------------------------------------
+    def _reset_window_state(self) -> None:
+        """Drop everything that lives for one window: policy states, step bookkeeping, window
+        memory, residuals and the reasons of dropped residuals."""
+        self._states.clear()
+        self._last_step.clear()
+        self._memory.clear()
+        self.store.clear()
+        self._dropped.clear()
+
     def _tick(self) -> float:
         if self._sync:
             torch.cuda.synchronize()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import pytest
 import torch
 from cachekit_policies.flowcache import FlowCacheConfig, FlowCachePolicy
 from cachekit_policies.motioncache import MotionCacheConfig, MotionCachePolicy
@@ -25,14 +24,6 @@ from cachekit.types import ChunkCall, DecisionKind, Probe, Scope
 
 SETTINGS = settings(max_examples=100, deadline=None)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny tensors: intra-op threads only add contention (15x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 EIGHTHS = st.sampled_from([0.0, 0.125, 0.25, 0.5, 0.75, 1.0])

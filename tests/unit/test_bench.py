@@ -46,13 +46,6 @@ RUNS_PER_ROW = 3  # vanilla, chunked, policy per repeat (one repeat)
 WARMUP_RUNS = 2   # one untimed chunked + vanilla per schedule and invocation
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def parser():
     return build_parser([

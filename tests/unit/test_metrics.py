@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from cachekit import metrics
 from cachekit.engine import CacheEngine
@@ -15,13 +14,6 @@ from cachekit.sampling import SamplerConfig, generate
 from cachekit.stats import CallRecord
 from cachekit.testing.toy import ToyModel, ToySession
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def video(seed: int = 0, shape=(3, 16, 16, 3)) -> np.ndarray:

@@ -23,14 +23,6 @@ from cachekit.motion import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny tensors: intra-op threads only add contention (15x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------------------- rel_l1, poly
 def test_rel_l1_values():

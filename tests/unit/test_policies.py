@@ -37,14 +37,6 @@ POLICIES = {"teacache": TeaCacheConfig, "flowcache": FlowCacheConfig,
             "motioncache": MotionCacheConfig}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny tensors: intra-op threads only add contention (15x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 CHUNKED = SamplerConfig(num_frames=8, num_steps=10, ar_step=1)
 LONG = SamplerConfig(num_frames=14, num_steps=6, ar_step=1, overlap_history=2,
