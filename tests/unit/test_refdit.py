@@ -438,3 +438,24 @@ def test_df_sigmas_and_train_step(tmp_path):
     train.draw_samples_png(vids, ["c"], tmp_path / "s.png")
     train.draw_loss_png([(10, 1.0), (20, 0.5), (30, 0.3)], tmp_path / "l.png")
     assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "l.png").stat().st_size > 0
+
+
+def test_shipped_calibration_files_match_the_weights():
+    """Each shipped calibration names this model and scope and is readable by the policies."""
+    from cachekit.calibration import load_calibration
+    from cachekit_models.refdit.adapter import RefDiTAdapter
+    from cachekit_models.refdit.loading import DEFAULT_WEIGHTS
+
+    if not DEFAULT_WEIGHTS.is_file():
+        pytest.skip("bundled weights not trained yet")
+    adapter = RefDiTAdapter()
+    found = 0
+    for scope in ("chunk", "window"):
+        path = adapter.calibration_file(scope)
+        if path is None:
+            continue
+        data = load_calibration(path)
+        assert data["model"] == "refdit" and data["scope"] == scope
+        found += 1
+    if not found:
+        pytest.skip("no calibration shipped yet (run `cachekit calibrate`)")

@@ -89,6 +89,15 @@ class RefDiTAdapter:
         """Model space ``[B, C, F, H, W]`` ([-1, 1] RGB) -> numpy ``[B, F, H, W, 3]`` in [0, 1]."""
         return ((x.detach().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).cpu().numpy()
 
+    def calibration_file(self, scope: str):
+        """The indicator polynomial `cachekit calibrate` fitted on these weights for ``scope``
+        (``"chunk"`` or ``"window"``), shipped next to them; None if there is none. Indicator
+        policies use it when no coefficients are given (see cachekit.generation)."""
+        from .loading import DEFAULT_WEIGHTS
+
+        path = DEFAULT_WEIGHTS.parent / f"calibration-{scope}.json"
+        return path if path.is_file() else None
+
     def default_sampler(self):
         """Sampler settings the bundled model was checked with (one 16-frame window)."""
         from cachekit.sampling import SamplerConfig  # core sampler; imported lazily

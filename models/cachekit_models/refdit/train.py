@@ -319,6 +319,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--minutes", type=float, default=70.0, help="training wall-time budget")
     p.add_argument("--steps", type=int, default=4000, help="step budget (LR schedule length)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--extend-steps", type=int, default=None,
+                   help="with --resume: raise the step budget to N (a warm restart: the LR "
+                        "schedule is recomputed over the new budget, so the run is no longer "
+                        "identical to an uninterrupted one)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step without changing the LR schedule (tests)")
     p.add_argument("--seed", type=int, default=0)
@@ -352,6 +356,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = RefDiTConfig.from_dict(ck["config"])
         # the schedule-defining settings come from the checkpoint, so a resume is exact
         args.seed, args.batch, args.steps = ck["seed"], ck["batch"], ck["total_steps"]
+        if args.extend_steps is not None:
+            args.steps = max(args.steps, args.extend_steps)
         args.lr, args.warmup = ck.get("lr", args.lr), ck.get("warmup", args.warmup)
     torch.manual_seed(args.seed)
     model = RefDiT(cfg)
