@@ -113,6 +113,12 @@ def _fmt(value: Any) -> str:
         return repr(value)
     if isinstance(value, (tuple, list)):
         return "+l" + "+s".join(_fmt(v) for v in value) + "+r"
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        # a path: its file name plus a hash of the whole path (short, machine-readable)
+        import hashlib
+
+        stem = re.sub(r"[^A-Za-z0-9.-]", "-", value.replace("\\", "/").rsplit("/", 1)[-1])
+        return f"{stem}.{hashlib.sha1(value.encode()).hexdigest()[:8]}"
     return re.sub(r"[^A-Za-z0-9.-]", lambda m: f"+{ord(m.group()):x}+", str(value))
 
 
