@@ -92,11 +92,11 @@ def motion_ranking(adapter: Any, *, seeds: Sequence[int], sampler: SamplerConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .plugins import get_registry
+    from .plugins import DEFAULT_MODEL, get_registry
 
     p = argparse.ArgumentParser(prog="python -m cachekit.analysis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="refdit")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--seeds", default="200,201", help="comma-separated seeds (default 200,201)")
     p.add_argument("--steps", type=int, default=None, help="steps per chunk (model default)")
     a = p.parse_args(argv)

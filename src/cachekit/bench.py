@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
 import attrs
 
+from .plugins import DEFAULT_MODEL
 from .errors import ConfigError, invalid_value
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -124,7 +125,7 @@ def _add_report_targets(p: argparse.ArgumentParser) -> None:
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``cachekit bench``."""
-    p.add_argument("--model", default="refdit", metavar="NAME",
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
                    help="registered model adapter (default: refdit, the bundled model)")
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), metavar="LIST",
                    help=f"comma-separated policy names; default {','.join(DEFAULT_POLICIES)}")
@@ -435,7 +436,7 @@ def _as_tuple(value: Iterable[Any]) -> tuple:
 class BenchOptions:
     """Everything ``cachekit bench`` needs (the parsed command line, resolved)."""
 
-    model: str = "refdit"
+    model: str = DEFAULT_MODEL
     policies: tuple = attrs.field(default=DEFAULT_POLICIES, converter=_as_tuple)
     presets: Optional[tuple] = attrs.field(default=None)
     sweeps: tuple = attrs.field(default=(), converter=_as_tuple)

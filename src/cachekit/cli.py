@@ -38,6 +38,7 @@ import attrs
 
 from . import __version__
 from .errors import CacheKitError, PluginError
+from .plugins import DEFAULT_MODEL
 
 if TYPE_CHECKING:  # imported lazily at run time: `cachekit --version` must not import torch
     from .engine import CacheEngine
@@ -226,7 +227,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 def _add_sampler_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--model", default="refdit", metavar="NAME",
+    g.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
                    help="registered model adapter (default: refdit, the bundled model)")
     g.add_argument("--seed", type=int, default=0, help="noise and prompt seed (default 0)")
     g.add_argument("--frames", type=int, metavar="N", help="frames of the video")

@@ -23,7 +23,7 @@ from .config import EngineConfig
 from .engine import CacheEngine
 from .errors import ConfigError
 from .io import contact_sheet, save_video
-from .plugins import Registry, get_registry
+from .plugins import DEFAULT_MODEL, Registry, get_registry
 from .sampling import GenerationResult, SamplerConfig, generate
 
 __all__ = ["GenerationOutput", "run_generation", "build_engine"]
@@ -79,7 +79,7 @@ def _check_adapter(adapter: Any, name: str) -> None:
                           "See docs/writing-a-model-adapter.md (encode_prompt, decode).")
 
 
-def run_generation(*, model: str = "refdit", policy: str = "none", preset: str | None = None,
+def run_generation(*, model: str = DEFAULT_MODEL, policy: str = "none", preset: str | None = None,
                    knobs: dict | None = None, policy_config: Any = None,
                    sampler: SamplerConfig | None = None,
                    seed: int = 0, prompt: str | None = None, out: str | Path | None = None,

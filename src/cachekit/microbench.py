@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from .engine import CacheEngine
-from .plugins import get_registry
+from .plugins import DEFAULT_MODEL, get_registry
 from .sampling import SamplerConfig, generate
 
 __all__ = ["interleaved", "overhead", "structure", "main"]
@@ -54,7 +54,7 @@ def _setup(model: str, sampler: SamplerConfig):
     return adapter, cond, uncond
 
 
-def overhead(model: str = "refdit", repeats: int = 5, sampler: SamplerConfig | None = None) -> dict:
+def overhead(model: str = DEFAULT_MODEL, repeats: int = 5, sampler: SamplerConfig | None = None) -> dict:
     sampler = sampler or SamplerConfig(num_frames=16, num_steps=10, ar_step=2)
     adapter, cond, uncond = _setup(model, sampler)
     engine = CacheEngine.from_name("none")
@@ -81,7 +81,7 @@ def overhead(model: str = "refdit", repeats: int = 5, sampler: SamplerConfig | N
     }
 
 
-def structure(model: str = "refdit", repeats: int = 3, sampler: SamplerConfig | None = None) -> dict:
+def structure(model: str = DEFAULT_MODEL, repeats: int = 3, sampler: SamplerConfig | None = None) -> dict:
     sampler = sampler or SamplerConfig(num_frames=16, num_steps=10, ar_step=2)
     adapter, cond, uncond = _setup(model, sampler)
     fns: dict[str, Callable[[], Any]] = {
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cachekit.microbench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=["overhead", "structure"])
-    p.add_argument("--model", default="refdit")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)

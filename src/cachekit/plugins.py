@@ -22,9 +22,12 @@ import pluggy
 from . import hookspecs
 from .errors import ConfigError, PluginError, invalid_value
 
-__all__ = ["Registry", "Registered", "get_registry", "KINDS", "AUTOLOAD_ENV"]
+__all__ = ["Registry", "Registered", "get_registry", "KINDS", "AUTOLOAD_ENV", "DEFAULT_MODEL"]
 
 AUTOLOAD_ENV = "CACHEKIT_DISABLE_PLUGIN_AUTOLOAD"
+#: The model adapter commands and runners use when none is named: the bundled model, looked
+#: up in the registry by this name like any other adapter (the core never imports it).
+DEFAULT_MODEL = "refdit"
 ENTRY_POINT_GROUP = "cachekit"
 
 #: kind -> discovery hook name
