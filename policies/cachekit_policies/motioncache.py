@@ -169,10 +169,15 @@ class MotionCacheConfig(ConfigBase):
             "next chunk's frame 0 falls back to frame 1's map. Default 8.",
         trade="larger = more memory (one [B, HW, D] frame per step and chunk)")
     reuse_space: str = knob(
-        "residual", validator=one_of("residual"),
-        doc="What is reused: 'residual' (block-stack residual, SkyReels). MAGI-1's "
-            "'latent_delta' (x_after - x_before) is not implemented yet. Default 'residual'.",
-        trade="none (only one value)")
+        "residual", validator=one_of("residual", "latent_delta"),
+        doc="What a reused token repeats: 'residual' = the block stack's residual from its "
+            "last computed step, put through this step's output head (SkyReels variant); "
+            "'latent_delta' = the latent update x_new - x_old of its last step, so the "
+            "reused part of the chunk moves exactly as it moved then (MAGI-1 variant, "
+            "algorithms.md 6.3). 'latent_delta' needs an adapter that supports it in chunked "
+            "mode (refdit does). Default 'residual'.",
+        trade="'latent_delta' skips the output head too, but repeats a step whose size "
+              "was set by the previous noise level")
     coefficients: tuple = coefficients_knob()
     coefficients_file: Optional[str] = coefficients_file_knob()
     coefficients_x_range: tuple = coefficients_range_knob()
@@ -258,6 +263,11 @@ class MotionCachePolicy:
         else:
             self.estimator = registry.create_estimator(c.estimator, **options)
         self._weights_after = bool(getattr(self.estimator, "uses_output", True))
+
+    @property
+    def reuse_space(self) -> str:
+        """Read by the engine and the model adapter (see ``ChunkCall.space``)."""
+        return self.config.reuse_space
 
     def new_state(self, call: ChunkCall) -> MotionCacheState:
         return MotionCacheState()

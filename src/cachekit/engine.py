@@ -37,11 +37,13 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .config import EngineConfig
-from .errors import CacheContextError, DecisionError, ResidualShapeError, invalid_value
+from .errors import (CacheContextError, ConfigError, DecisionError, ResidualShapeError,
+                     invalid_value)
 from .plugins import Registry, get_registry
 from .protocols import Outcome, WindowMemory
 from .stats import CacheStats, CallRecord
-from .types import BlockRunner, ChunkCall, Decision, DecisionKind, Probe, tensor_repr
+from .types import (REUSE_SPACES, BlockRunner, ChunkCall, Decision, DecisionKind, Probe,
+                    tensor_repr)
 
 __all__ = ["CacheEngine"]
 
@@ -61,6 +63,11 @@ class CacheEngine:
     def __init__(self, policy: Any, *, config: EngineConfig | None = None,
                  store: Any = None, registry: Registry | None = None) -> None:
         self.policy = policy
+        space = getattr(policy, "reuse_space", "residual")
+        if space not in REUSE_SPACES:
+            raise ConfigError(invalid_value(
+                f"reuse_space of policy {getattr(policy, 'name', policy)!r}",
+                f"one of {REUSE_SPACES}", space))
         self.config = config or EngineConfig()
         self.registry = registry if registry is not None else get_registry()
         self.store = store if store is not None else self.registry.create_store(
@@ -167,6 +174,12 @@ class CacheEngine:
                 f"policy {policy.name!r} decides per {policy.scope.value}, but the model called "
                 f"the engine per {call.scope.value}. Run the model with "
                 f"mode={'vanilla' if policy.scope.value == 'window' else 'chunked'!r}.")
+        if call.space != self.reuse_space:
+            raise CacheContextError(
+                f"policy {policy.name!r} reuses in the {self.reuse_space!r} space, but the model "
+                f"adapter wrapped the {call.space!r} space for {call.key} step {call.step}. Use "
+                f"an adapter (and execution mode) that supports {self.reuse_space!r} reuse, or "
+                f"set the policy's reuse_space to {call.space!r}.")
         if h_in.dim() != 3 or h_in.shape[1] != call.num_tokens:
             raise CacheContextError(invalid_value(
                 "h_in", f"[B, N={call.num_tokens}, D] for {call.frames} frames x "
@@ -260,6 +273,13 @@ class CacheEngine:
         if self._on_step_end is not None:
             self._on_step_end(engine=self, call=call, record=record)
         return h_out
+
+    @property
+    def reuse_space(self) -> str:
+        """What the policy's cached quantity is (:data:`cachekit.types.REUSE_SPACES`): the
+        policy's ``reuse_space`` attribute, ``"residual"`` when it has none. Model adapters
+        read it to decide what to wrap (see :attr:`cachekit.types.ChunkCall.space`)."""
+        return getattr(self.policy, "reuse_space", "residual")
 
     # -- helpers ------------------------------------------------------------------------------
     def _reset_window_state(self) -> None:

@@ -199,10 +199,12 @@ def generate(adapter: Any, cond: torch.Tensor, *, config: SamplerConfig | None =
                     else:
                         sigma[:, fr] = 0.0
                 vs = {}
+                step_sizes = tuple(float(sigmas[s + 1] - sigmas[s]) if st is ChunkState.ACTIVE
+                                   else 0.0 for st, s in zip(states, steps))
                 for b in branches:
                     info = IterationInfo(window=plan.index, iteration=it, num_iterations=len(rows),
                                          branch=b, num_steps=cfg.num_steps, chunk_frames=cbs,
-                                         states=states, steps=steps)
+                                         states=states, steps=steps, step_sizes=step_sizes)
                     vs[b] = session.velocity(x, sigma, conds[b], info)
                     calls += 1
                 v = vs["cond"] if len(branches) == 1 else \
@@ -210,7 +212,7 @@ def generate(adapter: Any, cond: torch.Tensor, *, config: SamplerConfig | None =
                 for g, (st, s) in enumerate(zip(states, steps)):
                     if st is ChunkState.ACTIVE:
                         fr = slice(g * cbs, (g + 1) * cbs)
-                        x[:, :, fr] = x[:, :, fr] + float(sigmas[s + 1] - sigmas[s]) * v[:, :, fr]
+                        x[:, :, fr] = x[:, :, fr] + step_sizes[g] * v[:, :, fr]
                 done += 1
                 if bar is not None:
                     bar.update(1)

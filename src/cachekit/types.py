@@ -14,6 +14,7 @@ frame-major inside a chunk.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any, Callable, Iterable, Optional, Protocol
 
 import attrs
@@ -22,6 +23,7 @@ import torch
 from .errors import ConfigError, field_converter, invalid_value
 
 __all__ = [
+    "REUSE_SPACES",
     "ChunkState",
     "Scope",
     "ChunkCall",
@@ -92,6 +94,10 @@ class ChunkState(enum.Enum):
     PREFIX = "prefix"        # clean conditioning frames (long-video overlap)
 
 
+#: What an engine call can wrap (:attr:`ChunkCall.space`, a policy's ``reuse_space``).
+REUSE_SPACES = ("residual", "latent_delta")
+
+
 class Scope(enum.Enum):
     """What one engine call covers."""
 
@@ -106,6 +112,10 @@ class IterationInfo:
     ``states[g]`` and ``steps[g]`` describe chunk ``g`` of the window: ``steps[g]`` is the
     number of updates chunk ``g`` had before this iteration (0..num_steps-1 while ACTIVE,
     ``num_steps`` once FINISHED, 0 while PENDING, ``num_steps`` for PREFIX chunks).
+
+    ``step_sizes[g]`` (optional) is the change of chunk ``g``'s noise level in this iteration's
+    Euler update (``sigma_next - sigma_now``: negative while ACTIVE, 0 otherwise). Samplers
+    that know it pass it; adapters need it for ``latent_delta`` reuse.
     """
 
     window: int = attrs.field(validator=_non_negative_int("window"))
@@ -116,6 +126,8 @@ class IterationInfo:
     chunk_frames: int = attrs.field(validator=_positive_int("chunk_frames"))
     states: tuple[ChunkState, ...] = attrs.field(converter=as_tuple)
     steps: tuple[int, ...] = attrs.field(converter=as_tuple)
+    step_sizes: Optional[tuple[float, ...]] = attrs.field(
+        default=None, converter=lambda v: None if v is None else tuple(float(x) for x in v))
 
     @branch.validator
     def _v_branch(self, _a, value):
@@ -137,6 +149,13 @@ class IterationInfo:
             if state is ChunkState.ACTIVE:
                 _check(step < self.num_steps, f"IterationInfo.steps[{g}]",
                        f"< num_steps={self.num_steps} for an ACTIVE chunk", step)
+        if self.step_sizes is not None:
+            _check(len(self.step_sizes) == len(self.states), "IterationInfo.step_sizes",
+                   f"one entry per chunk ({len(self.states)} states)", self.step_sizes)
+            for g, (state, ds) in enumerate(zip(self.states, self.step_sizes)):
+                ok = math.isfinite(ds) and (ds < 0 if state is ChunkState.ACTIVE else ds == 0)
+                _check(ok, f"IterationInfo.step_sizes[{g}]",
+                       "< 0 for an ACTIVE chunk, 0 otherwise", ds)
 
     @property
     def num_chunks(self) -> int:
@@ -161,6 +180,16 @@ class ChunkCall:
 
     ``timestep`` is the chunk's current timestep in the model's own units (for a WINDOW call,
     the mean over the window's frames); it is informational, decisions use probe signals.
+
+    ``space`` says what the engine call wraps (one of :data:`REUSE_SPACES`):
+
+    * ``"residual"`` (default): ``h_in`` is the block stack's input hidden states and ``run``
+      returns its output; a reuse adds the cached block-stack residual (SkyReels variants).
+    * ``"latent_delta"``: ``h_in`` is the chunk's latent as tokens (patchified, ``[B, N, C*p*p]``)
+      and ``run`` returns the latent *after* this step's Euler update, so the cached quantity is
+      the update ``x_new - x_old`` and a reuse repeats the previous step's update (MAGI-1
+      variant, algorithms.md section 6.3). The engine refuses a call whose space differs from
+      its policy's ``reuse_space``.
     """
 
     branch: str = attrs.field()
@@ -173,6 +202,7 @@ class ChunkCall:
     tokens_per_frame: int = attrs.field(default=1, validator=_positive_int("tokens_per_frame"))
     timestep: float = attrs.field(default=0.0, converter=field_converter(float))  # type: ignore[misc]
     scope: Scope = attrs.field(default=Scope.CHUNK)
+    space: str = attrs.field(default="residual")
 
     @branch.validator
     def _v_branch(self, _a, value):
@@ -183,6 +213,7 @@ class ChunkCall:
     def __attrs_post_init__(self):
         _check(self.step < self.num_steps, "step", f"< num_steps={self.num_steps}", self.step)
         _check(isinstance(self.scope, Scope), "scope", "a cachekit.types.Scope", self.scope)
+        _check(self.space in REUSE_SPACES, "space", f"one of {REUSE_SPACES}", self.space)
 
     @property
     def num_tokens(self) -> int:

@@ -151,7 +151,7 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="weight_norm_mode"):
         MotionCacheConfig(weight_norm_mode="median")
     with pytest.raises(ConfigError, match="reuse_space"):
-        MotionCacheConfig(reuse_space="latent_delta")
+        MotionCacheConfig(reuse_space="latent")
     with pytest.raises(ConfigError, match="estimator"):
         MotionCacheConfig(estimator="Frame Diff")
     assert FlowCacheConfig(coefficients="wan2.1-t2v-14b").coefficients == \

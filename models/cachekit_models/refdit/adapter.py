@@ -220,7 +220,7 @@ class RefDiTSession:
             probe = Probe(modulation=e0, latent=x, grid=(frames, ht, wt),
                           patch=(cfg.patch, cfg.patch))
             h_out = self.hook(call, h_in, run, probe)
-        return m.unpatchify(m.run_head(h_out, e, fidx), frames)
+        return m.output(h_out, e, fidx, x, sigma)
 
     # -- chunked ---------------------------------------------------------------------------------
     def _buffers(self, branch: str, like: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -262,22 +262,54 @@ class RefDiTSession:
             run = _ChunkRunner(self, kv, slot_state, g, state, e0, fidx,
                                cos_all[g * n_chunk:(g + 1) * n_chunk],
                                sin_all[g * n_chunk:(g + 1) * n_chunk], cond)
-            h_in = m.embed(xg)
             if state is not ChunkState.ACTIVE:
-                run(h_in)  # context only: fill slot g, the head output is never used
+                run(m.embed(xg))  # context only: fill slot g, the head output is never used
                 continue
+            space = getattr(self.hook, "reuse_space", "residual") if self.hook else "residual"
             if self.hook is None:
-                h_out = run(h_in)
+                out[:, :, fs] = m.output(run(m.embed(xg)), e, fidx, xg, sg)
+                continue
+            call = ChunkCall(branch=info.branch, chunk=g, step=info.steps[g],
+                             num_steps=info.num_steps, window=info.window,
+                             iteration=info.iteration, frames=cf, tokens_per_frame=tpf,
+                             timestep=float(sg[:, 0].mean()) * 1000.0, scope=Scope.CHUNK,
+                             space=space)
+            probe = Probe(modulation=e0, latent=xg, grid=(cf, ht, wt),
+                          patch=(cfg.patch, cfg.patch))
+            if space == "latent_delta":
+                out[:, :, fs] = self._latent_delta(call, probe, run, xg, sg, e, fidx, info, g)
             else:
-                call = ChunkCall(branch=info.branch, chunk=g, step=info.steps[g],
-                                 num_steps=info.num_steps, window=info.window,
-                                 iteration=info.iteration, frames=cf, tokens_per_frame=tpf,
-                                 timestep=float(sg[:, 0].mean()) * 1000.0, scope=Scope.CHUNK)
-                probe = Probe(modulation=e0, latent=xg, grid=(cf, ht, wt),
-                              patch=(cfg.patch, cfg.patch))
-                h_out = self.hook(call, h_in, run, probe)
-            out[:, :, fs] = m.unpatchify(m.run_head(h_out, e, fidx), cf)
+                h_out = self.hook(call, m.embed(xg), run, probe)
+                out[:, :, fs] = m.output(h_out, e, fidx, xg, sg)
         return out
+
+
+    def _latent_delta(self, call: ChunkCall, probe: Probe, run: "_ChunkRunner", xg: Tensor,
+                      sg: Tensor, e: Tensor, fidx: Tensor, info: IterationInfo,
+                      g: int) -> Tensor:
+        """One chunk with the engine wrapped around the latent update (``latent_delta``).
+
+        The engine sees the chunk's latent tokens and a runner that returns them after this
+        step's Euler update, so what it caches and reuses is the update ``x_new - x_old``. The
+        sampler does the Euler step itself, so the result goes back as the velocity that
+        reproduces that update: ``v = (x_new - x_old) / step_size``.
+        """
+        m = self.model
+        ds = None if info.step_sizes is None else info.step_sizes[g]
+        if ds is None:
+            raise ConfigError(invalid_value(
+                "IterationInfo.step_sizes", "the per-chunk Euler step sizes (latent_delta "
+                "reuse turns latent updates into velocities with them)", None,
+                "Use cachekit.sampling.generate, or pass step_sizes in IterationInfo."))
+        x_tok = m.patchify(xg)
+
+        def run_latent(xt: Tensor, tokens: Optional[Tensor] = None) -> Tensor:
+            ft = fidx if tokens is None else fidx[tokens.to(fidx.device)]
+            h = run(m.patch_embed(xt), tokens)
+            return xt + ds * m.token_velocity(h, e, ft, xt, sg)
+
+        x_new = self.hook(call, x_tok, run_latent, probe)
+        return m.unpatchify((x_new - x_tok) / ds, xg.shape[2])
 
 
 class _ChunkRunner:

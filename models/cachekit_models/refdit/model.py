@@ -254,6 +254,27 @@ class RefDiT(nn.Module):
         shift, scale = mod.unbind(2)
         return self.head(self.head_norm(h) * (1 + scale) + shift)
 
+    def token_velocity(self, h: Tensor, e: Tensor, frame_of_token: Tensor, x_tokens: Tensor,
+                       sigma: Tensor) -> Tensor:
+        """Velocity per token ``[B, N, C*p*p]`` from final hidden states ``h`` ``[B, N, D]``.
+
+        ``x_tokens`` ``[B, N, C*p*p]`` are the same tokens of the noisy input (patchified),
+        ``sigma`` ``[B, F]`` the frames' noise levels, ``e`` and ``frame_of_token`` as in
+        :meth:`run_head` (any token subset works: everything is gathered by frame index).
+        """
+        out = self.run_head(h, e, frame_of_token)
+        if self.cfg.prediction == "v":
+            return out
+        s = sigma[:, frame_of_token].clamp(min=self.cfg.sigma_min)[:, :, None]
+        return (x_tokens - out) / s
+
+    def output(self, h: Tensor, e: Tensor, frame_of_token: Tensor, x: Tensor,
+               sigma: Tensor) -> Tensor:
+        """:meth:`token_velocity` for every token of ``x`` ``[B, C, F, H, W]``, as a video
+        ``[B, C, F, H, W]``."""
+        v = self.token_velocity(h, e, frame_of_token, self.patchify(x), sigma)
+        return self.unpatchify(v, x.shape[2])
+
     def run_blocks(self, h: Tensor, e0: Tensor, frame_of_token: Tensor, cos: Tensor, sin: Tensor,
                    ctx: Tensor, mask: Optional[Tensor]) -> Tensor:
         """The block stack on ``h`` ``[B, N, D]`` with a plain attention mask (no cache)."""
@@ -270,7 +291,7 @@ class RefDiT(nn.Module):
         cos, sin = (t.to(x.device) for t in self.rope(frames))
         h = self.run_blocks(self.embed(x), e0, fidx, cos, sin, ctx,
                             self.block_causal_mask(frames).to(x.device))
-        return self.unpatchify(self.run_head(h, e, fidx), frames)
+        return self.output(h, e, fidx, x, sigma)
 
     # -- cost model ------------------------------------------------------------------------------
     def block_flops(self, q_tokens: int, kv_tokens: int, batch: int = 1) -> int:
