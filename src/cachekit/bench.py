@@ -90,6 +90,13 @@ QUICK_REPEATS = 1
 QUICK_PRESETS = ("fast",)
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
+#: The hand-written reading of the results in docs/benchmarks.md lives between these markers;
+#: `cachekit report` keeps it (everything else on that page is generated).
+READING_START = "<!-- reading:start -->"
+READING_END = "<!-- reading:end -->"
+_READING_PLACEHOLDER = ("*No reading written yet: edit the text between the `reading` markers "
+                        "in this file; `cachekit report` keeps it when it regenerates the "
+                        "page.*")
 SCHEMA = 1
 RESULTS_JSON, ROWS_JSONL, RESULTS_CSV = "results.json", "rows.jsonl", "results.csv"
 PARETO_PNG = "pareto.png"
@@ -1153,9 +1160,21 @@ def _rows_table(rows: list[dict]) -> str:
                       "max RSS (MiB)"], out, "lllrrrrrrrrrrrr")
 
 
-def docs_page(doc: dict, *, figures: dict[str, str], report_dir: str) -> str:
+def extract_reading(text: str) -> Optional[str]:
+    """The hand-written text between the reading markers of an existing page (None if the
+    page has no such block)."""
+    i = text.find(READING_START)
+    j = text.find(READING_END, i + len(READING_START)) if i >= 0 else -1
+    if i < 0 or j < 0:
+        return None
+    return text[i + len(READING_START):j].strip("\n")
+
+
+def docs_page(doc: dict, *, figures: dict[str, str], report_dir: str,
+              reading: Optional[str] = None) -> str:
     """The text of ``docs/benchmarks.md``; ``figures`` maps figure file names to the links
-    the page uses."""
+    the page uses; ``reading`` is the hand-written interpretation kept between the reading
+    markers (a placeholder when None)."""
     meta, rows = doc.get("meta", {}), doc.get("rows", [])
     summary = summarize(rows, meta)
     env = meta.get("environment", {})
@@ -1180,6 +1199,12 @@ def docs_page(doc: dict, *, figures: dict[str, str], report_dir: str) -> str:
     for sch in dict.fromkeys(s["schedule"] for s in summary):
         lines.append(f"* {_setup_line(meta, sch)}")
     lines += [
+        "",
+        "## Reading",
+        "",
+        READING_START,
+        (reading or _READING_PLACEHOLDER).strip("\n"),
+        READING_END,
         "",
         "## How it is measured",
         "",
@@ -1291,7 +1316,9 @@ def write_report(out: str | Path, *, readme: Optional[str | Path] = "README.md",
             shutil.copyfile(f, fig_dir / f.name)
             links[f.name] = f"{docs_path.stem}/{f.name}"
         docs_path.parent.mkdir(parents=True, exist_ok=True)
-        docs_path.write_text(docs_page(doc, figures=links, report_dir=report_dir))
+        reading = extract_reading(docs_path.read_text()) if docs_path.is_file() else None
+        docs_path.write_text(docs_page(doc, figures=links, report_dir=report_dir,
+                                       reading=reading))
         written["docs"] = docs_path
     return written
 

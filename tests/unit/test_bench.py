@@ -267,6 +267,16 @@ def test_report_rewrites_only_between_the_markers(bench_dir, tmp_path):
     # idempotent
     assert run("report", str(bench_dir), "--readme", str(readme), "--docs", str(docs)) == 0
     assert readme.read_text() == text
+    # the hand-written reading survives a regeneration; the generated rest is rewritten
+    assert bench.READING_START in page and "No reading written yet" in page
+    mine = "MotionCache wins here because the background is static."
+    edited = page.replace(page[page.index(bench.READING_START) + len(bench.READING_START):
+                               page.index(bench.READING_END)], "\n" + mine + "\n")
+    docs.write_text(edited.replace("## How it is measured", "## stale heading"))
+    assert run("report", str(bench_dir), "--readme", str(readme), "--docs", str(docs)) == 0
+    again = docs.read_text()
+    assert mine in again and "No reading written yet" not in again
+    assert "## How it is measured" in again and "stale heading" not in again
 
 
 def test_report_without_markers_is_an_error(bench_dir, tmp_path):
