@@ -147,31 +147,30 @@ def test_engine_sees_latent_tokens():
     torch.testing.assert_close(captured["h_in"], model.patchify(x[:, :, :cfg.chunk_frames]))
 
 
-def test_threshold_zero_reproduces_the_uncached_video():
-    model = tiny_model(3)
-    adapter = RefDiTAdapter(model)
-    cfg = SamplerConfig(num_frames=TINY.max_frames, num_steps=6, ar_step=1, shift=2.0,
-                        guidance_scale=2.0)
+def _generate_latent_delta(guidance: float, steps: int, **motioncache):
+    """(uncached video, MotionCache latent_delta result) of the tiny model, same seed."""
+    adapter = RefDiTAdapter(tiny_model(3))
+    cfg = SamplerConfig(num_frames=TINY.max_frames, num_steps=steps, ar_step=1, shift=2.0,
+                        guidance_scale=guidance)
     cond = adapter.encode_condition([Condition()] * BATCH)
-    unc = adapter.null_condition(BATCH)
+    unc = adapter.null_condition(BATCH) if guidance != 1.0 else None
     ref = generate(adapter, cond, uncond=unc, config=cfg, seed=1).video
-    pol = MotionCachePolicy(MotionCacheConfig(threshold=0.0, reuse_space="latent_delta"))
-    out = generate(adapter, cond, uncond=unc, config=cfg, seed=1,
-                   engine=CacheEngine(pol)).video
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    pol = MotionCachePolicy(MotionCacheConfig(reuse_space="latent_delta", **motioncache))
+    return ref, generate(adapter, cond, uncond=unc, config=cfg, seed=1,
+                         engine=CacheEngine(pol))
+
+
+def test_threshold_zero_reproduces_the_uncached_video():
+    ref, res = _generate_latent_delta(2.0, 6, threshold=0.0)
+    torch.testing.assert_close(res.video, ref, atol=1e-5, rtol=1e-5)
+    assert res.stats.computed_token_fraction == 1.0
 
 
 def test_large_threshold_reuses_and_stays_finite():
-    model = tiny_model(3)
-    adapter = RefDiTAdapter(model)
-    cfg = SamplerConfig(num_frames=TINY.max_frames, num_steps=8, ar_step=1, shift=2.0,
-                        guidance_scale=1.0)
-    cond = adapter.encode_condition([Condition()] * BATCH)
-    pol = MotionCachePolicy(MotionCacheConfig(threshold=1e6, reuse_space="latent_delta",
-                                              warmup_steps=1, phase1_steps=0))
-    res = generate(adapter, cond, config=cfg, seed=1, engine=CacheEngine(pol))
+    ref, res = _generate_latent_delta(1.0, 8, threshold=1e6, warmup_steps=1, phase1_steps=0)
     assert res.stats.computed_token_fraction < 0.9
     assert bool(torch.isfinite(res.video).all())
+    assert not torch.allclose(res.video, ref)
 
 
 def test_vanilla_mode_refuses_latent_delta():

@@ -15,6 +15,8 @@ maps to the velocity ``v = eps - x0`` of the same shape. The pieces follow Wan 2
   attribute, ``value embedding + attribute-type embedding`` through an MLP; a learned null
   condition for classifier-free guidance;
 * GELU FFN; output head: LayerNorm, adaLN from ``e`` (two vectors), linear, unpatchify.
+  With ``cfg.prediction == "x0"`` (the shipped model) the head predicts the clean patch and
+  :meth:`RefDiT.token_velocity` turns it into the velocity; callers only ever see velocities.
 
 Every token's modulation is gathered by its frame index, so a block can run on any token
 subset (``tokens`` index) with the right per-frame modulation and true RoPE positions; the

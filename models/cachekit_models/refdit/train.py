@@ -224,6 +224,24 @@ def export(model: RefDiT, export_dir: Path, meta: dict, loss_rows, frames: int) 
                                                     model.cfg.width)[0])
                         for i, c in enumerate(conds)])
     draw_samples_png(vids, [str(c) for c in conds], cdir / "samples.png", real=real)
+    draw_df_samples(model, conds, real, cdir / "samples_df.png")
+
+
+def draw_df_samples(model: RefDiT, conds: list[Condition], real: Tensor, path: Path) -> None:
+    """Contact sheet of what ``cachekit generate --policy none`` produces: the core sampler
+    with the adapter's default settings (diffusion-forcing schedule, chunked mode, CFG)."""
+    from cachekit.sampling import generate
+
+    from .adapter import RefDiTAdapter
+
+    adapter = RefDiTAdapter(model)
+    cfg = adapter.default_sampler()
+    res = generate(adapter, adapter.encode_condition(conds),
+                   uncond=adapter.null_condition(len(conds)), config=cfg, seed=0)
+    vids = adapter.decode(res.video)
+    vids = vids if isinstance(vids, Tensor) else torch.as_tensor(vids)
+    label = f"DF {cfg.num_steps} steps, ar_step {cfg.ar_step}, CFG {cfg.guidance_scale:g}"
+    draw_samples_png(vids, [f"{label}: {c}" for c in conds], path, real=real)
 
 
 #: Conditions shown on the card's sample sheet (one of each motion class).
