@@ -459,3 +459,19 @@ def test_shipped_calibration_files_match_the_weights():
         found += 1
     if not found:
         pytest.skip("no calibration shipped yet (run `cachekit calibrate`)")
+
+
+def test_chunk_time_embedding_memo_is_exact_and_per_window():
+    model = tiny_model(6)
+    sess = RefDiTAdapter(model).session(batch=BATCH, mode="chunked")
+    sess.begin_window(0, TINY.max_frames)
+    one = torch.full((BATCH, TINY.chunk_frames), 0.37)
+    mixed = torch.tensor([[0.37, 0.5]] * BATCH)
+    for sg in (one, mixed):
+        for got, want in zip(sess._chunk_time_embedding(sg), model.time_embedding(sg)):
+            assert torch.equal(got, want)
+    assert sess._chunk_time_embedding(one)[1] is sess._chunk_time_embedding(one)[1]
+    assert sess._chunk_time_embedding(mixed)[1] is not sess._chunk_time_embedding(mixed)[1]
+    cached = sess._chunk_time_embedding(one)[1]
+    sess.begin_window(1, TINY.max_frames)
+    assert sess._chunk_time_embedding(one)[1] is not cached

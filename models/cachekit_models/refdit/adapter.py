@@ -141,6 +141,11 @@ class RefDiTSession:
         self._kv: dict[str, list[tuple[Tensor, Tensor]]] = {}
         # branch -> per chunk: the ChunkState in which its K/V slot was last written (None: never)
         self._slot_state: dict[str, list[Optional[ChunkState]]] = {}
+        # (noise level, shape) -> (e, e0) of a chunk whose frames share one level: a diffusion-
+        # forcing window visits each of its num_steps + 1 levels once per chunk and branch, so
+        # the timestep MLP runs once per level instead of at every call (same numbers: the
+        # cached tensors are what the MLP returned for that input, and nobody writes to them)
+        self._temb: dict[tuple[float, tuple[int, ...]], tuple[Tensor, Tensor]] = {}
 
     # -- window lifecycle ------------------------------------------------------------------------
     def begin_window(self, window: int, num_frames: int) -> None:
@@ -153,6 +158,7 @@ class RefDiTSession:
         self._frames = num_frames
         self._kv.clear()
         self._slot_state.clear()
+        self._temb.clear()
 
     # -- one model call --------------------------------------------------------------------------
     @torch.no_grad()
@@ -260,7 +266,7 @@ class RefDiTSession:
                 continue  # its K/V already holds this (unchanging) context
             fs = slice(g * cf, (g + 1) * cf)
             xg, sg = x[:, :, fs], sigma[:, fs]
-            e, e0 = m.time_embedding(sg)
+            e, e0 = self._chunk_time_embedding(sg)
             run = _ChunkRunner(self, kv, slot_state, g, state, e0, fidx,
                                cos_all[g * n_chunk:(g + 1) * n_chunk],
                                sin_all[g * n_chunk:(g + 1) * n_chunk], cond)
@@ -285,6 +291,18 @@ class RefDiTSession:
                 out[:, :, fs] = m.output(h_out, e, fidx, xg, sg)
         return out
 
+
+    def _chunk_time_embedding(self, sg: Tensor) -> tuple[Tensor, Tensor]:
+        """``model.time_embedding(sg)``, memoised per window when every frame of the chunk (and
+        every sample) is at one noise level."""
+        first = sg.reshape(-1)[0]
+        if not bool((sg == first).all()):
+            return self.model.time_embedding(sg)
+        key = (float(first), tuple(sg.shape))
+        hit = self._temb.get(key)
+        if hit is None:
+            hit = self._temb[key] = self.model.time_embedding(sg)
+        return hit
 
     def _latent_delta(self, call: ChunkCall, probe: Probe, run: "_ChunkRunner", xg: Tensor,
                       sg: Tensor, e: Tensor, fidx: Tensor, info: IterationInfo,
