@@ -39,6 +39,17 @@ def ndcg(scores: torch.Tensor, gains: torch.Tensor) -> float:
     return float((gains[order] * discount).sum()) / ideal
 
 
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (average ranks for ties); 0.0 when either
+    is constant. Unlike NDCG with all-positive gains, a random order scores about 0."""
+    from scipy.stats import spearmanr
+
+    x, y = a.double().cpu().numpy(), b.double().cpu().numpy()
+    if x.min() == x.max() or y.min() == y.max():
+        return 0.0
+    return float(spearmanr(x, y).statistic)
+
+
 class MotionRankingRecorder:
     """A pseudo-policy that always computes and scores every estimator (see module doc)."""
 
@@ -50,6 +61,7 @@ class MotionRankingRecorder:
         self.config = None
         self.estimators = estimators
         self.scores: dict[str, list[float]] = {n: [] for n in [*estimators, "random"]}
+        self.rho: dict[str, list[float]] = {n: [] for n in [*estimators, "random"]}
         self._gen = torch.Generator().manual_seed(seed)
 
     def new_state(self, call: ChunkCall) -> dict:
@@ -62,10 +74,10 @@ class MotionRankingRecorder:
         r = (outcome.h_out - outcome.h_in).detach().float()          # [B, N, D]
         if state["r"] is not None and state["w"] is not None:
             change = (r - state["r"]).norm(dim=-1).mean(0)              # [N]
-            for name, w in state["w"].items():
-                self.scores[name].append(ndcg(w, change))
             rnd = torch.rand(change.numel(), generator=self._gen)
-            self.scores["random"].append(ndcg(rnd, change))
+            for name, w in [*state["w"].items(), ("random", rnd)]:
+                self.scores[name].append(ndcg(w, change))
+                self.rho[name].append(spearman(w, change))
         state["r"] = r
         state["w"] = {name: est.weights(call, probe, outcome.h_out, memory).detach().float()
                       for name, est in self.estimators.items()}
@@ -87,7 +99,9 @@ def motion_ranking(adapter: Any, *, seeds: Sequence[int], sampler: SamplerConfig
     out = {}
     for name, vals in rec.scores.items():
         if vals:
-            out[name] = {"mean": sum(vals) / len(vals), "min": min(vals), "n": len(vals)}
+            rho = rec.rho[name]
+            out[name] = {"mean": sum(vals) / len(vals), "min": min(vals), "n": len(vals),
+                         "spearman": sum(rho) / len(rho)}
     return out
 
 
@@ -109,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                          registry=registry)
     print(f"NDCG of token rankings vs next-step residual change, model={a.model}, "
           f"seeds={a.seeds}, steps={sampler.num_steps}")
-    print(f"{'estimator':12s} {'mean':>7s} {'min':>7s} {'pairs':>6s}")
+    print(f"{'estimator':12s} {'NDCG':>7s} {'min':>7s} {'Spearman':>9s} {'pairs':>6s}")
     for name, r in sorted(res.items(), key=lambda kv: -kv[1]["mean"]):
-        print(f"{name:12s} {r['mean']:7.4f} {r['min']:7.4f} {r['n']:6d}")
+        print(f"{name:12s} {r['mean']:7.4f} {r['min']:7.4f} {r['spearman']:9.4f} {r['n']:6d}")
     return 0 if all(math.isfinite(r["mean"]) for r in res.values()) else 1
 
 

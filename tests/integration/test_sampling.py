@@ -154,15 +154,19 @@ def test_model_calibration_is_the_default_only_when_no_coefficients_are_set(tmp_
 
 
 def test_ndcg_and_motion_ranking_on_the_toy_model():
-    from cachekit.analysis import motion_ranking, ndcg
+    from cachekit.analysis import motion_ranking, ndcg, spearman
     from cachekit.plugins import get_registry
 
     gains = torch.tensor([3.0, 0.0, 1.0, 2.0])
     assert ndcg(gains, gains) == pytest.approx(1.0)
     assert ndcg(-gains, gains) < ndcg(torch.tensor([2.0, 0.0, 0.5, 1.0]), gains)
     assert ndcg(torch.zeros(3), torch.zeros(3)) == 1.0
+    assert spearman(gains, gains) == pytest.approx(1.0)
+    assert spearman(-gains, gains) == pytest.approx(-1.0)
+    assert spearman(torch.zeros(4), gains) == 0.0
     res = motion_ranking(ToyModel(max_frames=8), seeds=[0], registry=get_registry(),
                          sampler=SamplerConfig(num_frames=8, num_steps=4, ar_step=1))
     assert {"frame_diff", "latent_diff", "flow_proxy", "random"} <= set(res)
     for r in res.values():
         assert 0.0 <= r["min"] <= r["mean"] <= 1.0 and r["n"] > 0
+        assert -1.0 <= r["spearman"] <= 1.0
