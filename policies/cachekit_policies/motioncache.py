@@ -342,7 +342,7 @@ class MotionCachePolicy:
         if 0 < k and k / n < c.min_update_ratio:
             state.acc = a                              # skip the chunk, keep the accumulators
             return Decision.reuse("min_update_ratio")
-        state.acc = torch.where(need, torch.zeros_like(a), a)
+        state.acc = a.masked_fill(need, 0.0)
         return Decision.subset(torch.nonzero(need).flatten(), n, phase)
 
     def observe(self, call: ChunkCall, probe: Probe, state: MotionCacheState,

@@ -132,15 +132,16 @@ def frame_diff_map(hidden: torch.Tensor, prev_last_frame: Optional[torch.Tensor]
         den = prev.abs().mean(dim=(0, -1)) + eps
         return num / den
 
-    d_rest = rel(h[:, 1:], h[:, :-1]) if f > 1 else None          # [F-1, HW]
-    d0 = None
     if prev_last_frame is not None:
         if prev_last_frame.shape != (h.shape[0], hw, h.shape[3]):
             raise ConfigError(invalid_value(
                 "frame_diff prev_last_frame", f"shape {(h.shape[0], hw, h.shape[3])}",
                 tuple(prev_last_frame.shape)))
-        d0 = rel(h[:, 0], prev_last_frame.to(h.dtype))           # [HW]
-    return _fill_first_frame(d_rest, d0, hw, h)
+        # one pass over [prev, f0, f1, ...]: the same numbers as comparing frame 0 separately
+        ext = torch.cat([prev_last_frame.to(h.dtype)[:, None], h], dim=1)
+        return rel(ext[:, 1:], ext[:, :-1])                       # [F, HW]
+    d_rest = rel(h[:, 1:], h[:, :-1]) if f > 1 else None          # [F-1, HW]
+    return _fill_first_frame(d_rest, None, hw, h)
 
 
 def normalize_weights(d: torch.Tensor, mode: str = "max_rescale", floor: float = 0.6,
@@ -166,8 +167,7 @@ def normalize_weights(d: torch.Tensor, mode: str = "max_rescale", floor: float =
     elif mode == "max":
         w = d / (d.amax(dim=1, keepdim=True) + eps)
     else:
-        lo = d.amin(dim=1, keepdim=True)
-        hi = d.amax(dim=1, keepdim=True)
+        lo, hi = torch.aminmax(d, dim=1, keepdim=True)
         w = (d - lo) / (hi - lo + eps)
     if power != 1.0:
         w = w.clamp_min(0.0) ** power
