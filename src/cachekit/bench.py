@@ -241,11 +241,18 @@ def parse_policy_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 def expand_settings(registry: Registry, policies: Sequence[str], *,
                     presets: Optional[Sequence[str]] = None,
                     sweeps: Sequence[tuple[str, list[Any]]] = (),
-                    overrides: Optional[dict[str, dict[str, Any]]] = None) -> list[Setting]:
+                    overrides: Optional[dict[str, dict[str, Any]]] = None,
+                    adapter: Any = None) -> list[Setting]:
     """The settings to run, in order, without duplicates (presets that give the same config,
-    e.g. ``none``'s slow and fast, are one setting labelled ``slow/fast``)."""
+    e.g. ``none``'s slow and fast, are one setting labelled ``slow/fast``).
+
+    With an ``adapter``, indicator policies that name no coefficients get the adapter's
+    shipped calibration, exactly as ``cachekit generate`` does
+    (:func:`cachekit.generation.model_calibration`), so a benchmarked setting is the setting a
+    user runs; the file is part of the config and its tag."""
     import itertools
 
+    from .generation import model_calibration
     from .types import Scope
 
     overrides = overrides or {}
@@ -278,6 +285,8 @@ def expand_settings(registry: Registry, policies: Sequence[str], *,
                 candidates.append((preset, registry.policy_config(name, preset=preset,
                                                                   **extra)))
         for label, config in candidates:
+            if adapter is not None:
+                config = model_calibration(config, reg.factory, adapter)
             tag = config.tag()
             key = (name, tag)
             if key in settings:
@@ -773,7 +782,7 @@ def run_benchmark(opts: BenchOptions, *, registry: Optional[Registry] = None,
     out.mkdir(parents=True, exist_ok=True)
     ctx = _Context(opts, registry, adapter)
     settings = expand_settings(registry, opts.policies, presets=opts.presets,
-                               sweeps=opts.sweeps, overrides=opts.overrides)
+                               sweeps=opts.sweeps, overrides=opts.overrides, adapter=adapter)
     meta_new: dict[str, Any] = {
         "model": opts.model, "policies": list(opts.policies),
         "samplers": {s: c.to_dict() for s, c in ctx.samplers.items()},
@@ -1311,6 +1320,12 @@ def write_report(out: str | Path, *, readme: Optional[str | Path] = "README.md",
     if docs_path is not None:
         fig_dir = docs_path.parent / docs_path.stem
         fig_dir.mkdir(parents=True, exist_ok=True)
+        # figures of an earlier report that this run does not make would be orphans the page
+        # no longer links (and look current): remove the ones with the names reports write
+        names = {f.name for f in figs}
+        for old in [*fig_dir.glob("heatmap_*.png"), *fig_dir.glob("pareto*.png")]:
+            if old.name not in names:
+                old.unlink()
         links = {}
         for f in figs:
             shutil.copyfile(f, fig_dir / f.name)

@@ -203,6 +203,34 @@ def test_sweep_and_settings_expansion():
         bench.parse_sweeps(["threshold"])
 
 
+def test_settings_use_the_models_calibration_like_generate(tmp_path):
+    """A benchmarked default is what `cachekit generate` runs: the adapter's shipped
+    calibration for the policy's scope, unless the user named coefficients."""
+    from cachekit.calibration import save_calibration
+
+    files = {}
+    for scope in ("chunk", "window"):
+        files[scope] = save_calibration(
+            {"format": "cachekit.calibration/1", "model": "fake", "scope": scope,
+             "indicator": "modulation", "coefficients": [2.0, 0.0], "x_range": [0.0, 1.0]},
+            tmp_path / f"cal-{scope}.json")
+
+    class Adapter:
+        def calibration_file(self, scope):
+            return files[scope]
+
+    reg = Registry(autoload=True)
+    s = bench.expand_settings(reg, ["none", "flowcache", "teacache", "motioncache"],
+                              presets=["slow"], adapter=Adapter())
+    got = {x.policy: x.config.to_dict().get("coefficients_file") for x in s}
+    assert got == {"none": None, "flowcache": str(files["chunk"]),
+                   "teacache": str(files["window"]), "motioncache": str(files["chunk"])}
+    assert all("cal-" in x.tag for x in s if x.policy != "none")
+    mine = bench.expand_settings(reg, ["flowcache"], presets=["slow"], adapter=Adapter(),
+                                 overrides=bench.parse_policy_overrides(["coefficients=[1,0]"]))
+    assert mine[0].config.coefficients_file is None and mine[0].config.coefficients == (1.0, 0.0)
+
+
 def test_recording_policy_delegates_and_counts_token_subsets(registry):
     from cachekit.protocols import Outcome
     from cachekit.types import ChunkCall, Decision
@@ -267,6 +295,13 @@ def test_report_rewrites_only_between_the_markers(bench_dir, tmp_path):
     # idempotent
     assert run("report", str(bench_dir), "--readme", str(readme), "--docs", str(docs)) == 0
     assert readme.read_text() == text
+    # a figure an earlier report wrote but this run does not make is removed
+    stale = docs.parent / "benchmarks" / "heatmap_gone_policy.png"
+    stale.write_bytes(b"old")
+    keep = docs.parent / "benchmarks" / "diagram.png"
+    keep.write_bytes(b"hand-made")
+    assert run("report", str(bench_dir), "--readme", str(readme), "--docs", str(docs)) == 0
+    assert not stale.exists() and keep.exists()
     # the hand-written reading survives a regeneration; the generated rest is rewritten
     assert bench.READING_START in page and "No reading written yet" in page
     mine = "MotionCache wins here because the background is static."
