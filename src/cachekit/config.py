@@ -106,7 +106,9 @@ def _abbrev(name: str) -> str:
 def _fmt(value: Any) -> str:
     """Filename-safe (``[A-Za-z0-9._+-]``) and injective: floats keep every digit (``repr``);
     in strings every other character, ``+`` included, becomes ``+hex+``; sequences are
-    ``+l...+r`` with ``+s`` between items, so two different settings never share a tag."""
+    ``+l...+r`` with ``+s`` between items, so two different settings never share a tag. A
+    path is its file name plus a hash of the file's content (of the path if there is no
+    such file): two copies of one file are one setting."""
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, float):
@@ -114,11 +116,16 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return "+l" + "+s".join(_fmt(v) for v in value) + "+r"
     if isinstance(value, str) and ("/" in value or "\\" in value):
-        # a path: its file name plus a hash of the whole path (short, machine-readable)
+        # a path: its file name plus a short hash of the file's *content* when it exists (the
+        # same calibration gives the same tag in every checkout, an edited one a new tag),
+        # else of the path itself
         import hashlib
+        from pathlib import Path
 
         stem = re.sub(r"[^A-Za-z0-9.-]", "-", value.replace("\\", "/").rsplit("/", 1)[-1])
-        return f"{stem}.{hashlib.sha1(value.encode()).hexdigest()[:8]}"
+        p = Path(value)
+        data = p.read_bytes() if p.is_file() else value.encode()
+        return f"{stem}.{hashlib.sha1(data).hexdigest()[:8]}"
     return re.sub(r"[^A-Za-z0-9.-]", lambda m: f"+{ord(m.group()):x}+", str(value))
 
 

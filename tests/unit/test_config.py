@@ -189,6 +189,23 @@ def test_tag_differs_per_setting():
     assert len(tags) == 6
 
 
+def test_a_path_setting_is_tagged_by_its_file_content(tmp_path):
+    from cachekit_policies.flowcache import FlowCacheConfig
+
+    a, b, c = (tmp_path / "one" / "cal.json", tmp_path / "two" / "cal.json",
+               tmp_path / "three" / "cal.json")
+    body = ('{"format": "cachekit.calibration/1", "model": "m", "indicator": "modulation", '
+            '"coefficients": [1.0, 0.0], "x_range": [0.0, 1.0]}')
+    for p, text in ((a, body), (b, body), (c, body.replace("[1.0, 0.0]", "[2.0, 0.0]"))):
+        p.parent.mkdir()
+        p.write_text(text)
+    tag = {p: FlowCacheConfig(coefficients_file=str(p)).tag() for p in (a, b, c)}
+    assert tag[a] == tag[b] != tag[c]          # two copies are one setting, an edit is another
+    assert "cal.json" in tag[a] and str(tmp_path) not in tag[a]
+    gone = FlowCacheConfig(coefficients_file=str(tmp_path / "x" / "cal.json"))
+    assert gone.tag() != tag[a]
+
+
 @pytest.mark.parametrize("a,b", [({"threshold": 0.1234567}, {"threshold": 0.1234568}),
                                  ({"mode": "a_b"}, {"mode": "ab"}),
                                  ({"coeffs": (1.0, 20.0)}, {"coeffs": (1.02, 0.0)})])
