@@ -43,7 +43,7 @@ from cachekit.errors import ConfigError, invalid_value
 from cachekit.motion import NORM_MODES, temporal_vote
 from cachekit.protocols import Outcome
 from cachekit.protocols import PolicyContract
-from cachekit.types import ChunkCall, Decision, Probe, Scope, tensor_repr
+from cachekit.types import REUSE_SPACES, ChunkCall, Decision, Probe, Scope, tensor_repr
 
 from ._indicator import (
     Indicator,
@@ -169,7 +169,7 @@ class MotionCacheConfig(ConfigBase):
             "next chunk's frame 0 falls back to frame 1's map. Default 8.",
         trade="larger = more memory (one [B, HW, D] frame per step and chunk)")
     reuse_space: str = knob(
-        "residual", validator=one_of("residual", "latent_delta"),
+        "residual", validator=one_of(*REUSE_SPACES),
         doc="What a reused token repeats: 'residual' = the block stack's residual from its "
             "last computed step, put through this step's output head (SkyReels variant); "
             "'latent_delta' = the latent update x_new - x_old of its last step, so the "

@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 import attrs
 
 from .plugins import DEFAULT_MODEL
+from .wrapping import PolicyWrapper
 from .errors import ConfigError, invalid_value
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -307,35 +308,22 @@ def expand_settings(registry: Registry, policies: Sequence[str], *,
 # =============================================================================================
 # instrumentation
 # =============================================================================================
-class RecordingPolicy:
+class RecordingPolicy(PolicyWrapper):
     """Wraps a policy and records which tokens each call actually computed.
 
-    Same ``name``, ``scope``, ``needs_residual`` and ``config`` as the wrapped policy; every
-    method delegates. The record comes from :meth:`observe`'s ``Outcome`` (so an engine
-    override, e.g. a missing residual forcing a compute, is recorded as what happened):
-    compute = every token, reuse = none, partial = ``decision.tokens``. Logging is a list
-    append per call; :meth:`frequency` aggregates after the run.
+    Runs exactly as the wrapped policy (:class:`cachekit.protocols.PolicyWrapper`). The record
+    comes from :meth:`observe`'s ``Outcome`` (so an engine override, e.g. a missing residual
+    forcing a compute, is recorded as what happened): compute = every token, reuse = none,
+    partial = ``decision.tokens``. Logging is a list append per call; :meth:`frequency`
+    aggregates after the run.
     """
 
     def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.scope = inner.scope
-        self.needs_residual = inner.needs_residual
-        self.config = getattr(inner, "config", None)
+        super().__init__(inner)
         self.log: list[tuple[int, int, int, Any]] = []
-
-    def __getattr__(self, item: str) -> Any:
-        return getattr(self.inner, item)
 
     def reset(self) -> None:
         self.log = []
-
-    def new_state(self, call: Any) -> Any:
-        return self.inner.new_state(call)
-
-    def decide(self, call: Any, probe: Any, state: Any, memory: Any) -> Any:
-        return self.inner.decide(call, probe, state, memory)
 
     def observe(self, call: Any, probe: Any, state: Any, outcome: Any, memory: Any) -> None:
         self.inner.observe(call, probe, state, outcome, memory)

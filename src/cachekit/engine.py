@@ -40,7 +40,7 @@ from .config import EngineConfig
 from .errors import (CacheContextError, ConfigError, DecisionError, ResidualShapeError,
                      invalid_value)
 from .plugins import Registry, get_registry
-from .protocols import Outcome, WindowMemory
+from .protocols import Outcome, WindowMemory, reuse_space_of
 from .stats import CacheStats, CallRecord
 from .types import (REUSE_SPACES, BlockRunner, ChunkCall, Decision, DecisionKind, Probe,
                     tensor_repr)
@@ -63,7 +63,9 @@ class CacheEngine:
     def __init__(self, policy: Any, *, config: EngineConfig | None = None,
                  store: Any = None, registry: Registry | None = None) -> None:
         self.policy = policy
-        space = getattr(policy, "reuse_space", "residual")
+        # read once: a policy's reuse space is fixed (its config is frozen), and every call
+        # is checked against it
+        self._reuse_space = space = reuse_space_of(policy)
         if space not in REUSE_SPACES:
             raise ConfigError(invalid_value(
                 f"reuse_space of policy {getattr(policy, 'name', policy)!r}",
@@ -174,7 +176,7 @@ class CacheEngine:
                 f"policy {policy.name!r} decides per {policy.scope.value}, but the model called "
                 f"the engine per {call.scope.value}. Run the model with "
                 f"mode={'vanilla' if policy.scope.value == 'window' else 'chunked'!r}.")
-        if call.space != self.reuse_space:
+        if call.space != self._reuse_space:
             raise CacheContextError(
                 f"policy {policy.name!r} reuses in the {self.reuse_space!r} space, but the model "
                 f"adapter wrapped the {call.space!r} space for {call.key} step {call.step}. Use "
@@ -279,7 +281,7 @@ class CacheEngine:
         """What the policy's cached quantity is (:data:`cachekit.types.REUSE_SPACES`): the
         policy's ``reuse_space`` attribute, ``"residual"`` when it has none. Model adapters
         read it to decide what to wrap (see :attr:`cachekit.types.ChunkCall.space`)."""
-        return getattr(self.policy, "reuse_space", "residual")
+        return self._reuse_space
 
     # -- helpers ------------------------------------------------------------------------------
     def _reset_window_state(self) -> None:

@@ -20,7 +20,9 @@ from typing import Any, ClassVar, Mapping, Optional, Protocol, runtime_checkable
 import attrs
 import torch
 
-from .types import as_tuple, ChunkCall, Decision, IterationInfo, ModelSpec, Probe, Scope, tensor_repr
+from .types import (ChunkCall, Decision, IterationInfo, ModelSpec, Probe, Scope, as_tuple,
+                    tensor_repr)
+from .wrapping import PolicyWrapper, reuse_space_of
 
 __all__ = [
     "Policy",
@@ -31,6 +33,8 @@ __all__ = [
     "Outcome",
     "WindowMemory",
     "PolicyContract",
+    "PolicyWrapper",
+    "reuse_space_of",
 ]
 
 _CONTRACT_MODES = ("chunked", "vanilla")
@@ -86,6 +90,9 @@ class Policy(Protocol):
         (one decision per window, vanilla execution), or None (either: the policy does not
         care what a call covers). The engine refuses calls of another scope with a clear error.
       * ``needs_residual``: whether the engine must store residuals for it (``none`` does not).
+      * ``reuse_space`` (optional, default ``"residual"``): what a reuse repeats, one of
+        :data:`cachekit.types.REUSE_SPACES` (see :attr:`cachekit.types.ChunkCall.space`);
+        read it with :func:`reuse_space_of`.
     """
 
     name: ClassVar[str]

@@ -210,3 +210,25 @@ def test_unknown_reuse_space_is_refused_by_the_engine():
         CacheEngine(ScriptedPolicy({}, reuse_space="pixels"))
     with pytest.raises(ConfigError, match="reuse_space"):
         MotionCacheConfig(reuse_space="pixels")
+
+
+def test_policy_wrappers_keep_the_reuse_space():
+    """The bench's recorder and the contract suite's spy must run a latent_delta policy as
+    latent_delta (a wrapper that dropped the attribute would make the engine refuse every
+    call, or cache the wrong quantity)."""
+    from cachekit.bench import RecordingPolicy
+    from cachekit.testing.contract import DecisionSpy
+
+    pol = MotionCachePolicy(MotionCacheConfig(reuse_space="latent_delta"))
+    for wrapper in (RecordingPolicy(pol), DecisionSpy(pol)):
+        assert CacheEngine(wrapper).reuse_space == "latent_delta"
+        assert wrapper.name == "motioncache" and wrapper.config is pol.config
+    ref, res = _generate_latent_delta(1.0, 8, threshold=1e6, warmup_steps=1, phase1_steps=0)
+    adapter = RefDiTAdapter(tiny_model(3))
+    cfg = SamplerConfig(num_frames=TINY.max_frames, num_steps=8, ar_step=1, shift=2.0,
+                        guidance_scale=1.0)
+    wrapped = RecordingPolicy(MotionCachePolicy(MotionCacheConfig(
+        reuse_space="latent_delta", threshold=1e6, warmup_steps=1, phase1_steps=0)))
+    out = generate(adapter, adapter.encode_condition([Condition()] * BATCH), config=cfg, seed=1,
+                   engine=CacheEngine(wrapped))
+    assert torch.equal(out.video, res.video) and wrapped.log

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from cachekit.errors import CacheContextError, ConfigError, invalid_value
+from cachekit.protocols import reuse_space_of
 from cachekit.types import (ChunkCall, ChunkHook, ChunkState, IterationInfo, ModelSpec, Probe,
                             Scope)
 
@@ -135,6 +136,8 @@ class RefDiTSession:
         self.batch = batch
         self.mode = mode
         self.hook = hook
+        # what the hook caches (ChunkCall.space); fixed for the session's hook
+        self._space = reuse_space_of(hook) if hook is not None else "residual"
         self._window: Optional[int] = None
         self._frames = 0
         # branch -> per layer (K, V) buffers [B, heads, frames*tokens_per_frame, head_dim]
@@ -273,7 +276,6 @@ class RefDiTSession:
             if state is not ChunkState.ACTIVE:
                 run(m.embed(xg))  # context only: fill slot g, the head output is never used
                 continue
-            space = getattr(self.hook, "reuse_space", "residual") if self.hook else "residual"
             if self.hook is None:
                 out[:, :, fs] = m.output(run(m.embed(xg)), e, fidx, xg, sg)
                 continue
@@ -281,10 +283,10 @@ class RefDiTSession:
                              num_steps=info.num_steps, window=info.window,
                              iteration=info.iteration, frames=cf, tokens_per_frame=tpf,
                              timestep=float(sg[:, 0].mean()) * 1000.0, scope=Scope.CHUNK,
-                             space=space)
+                             space=self._space)
             probe = Probe(modulation=e0, latent=xg, grid=(cf, ht, wt),
                           patch=(cfg.patch, cfg.patch))
-            if space == "latent_delta":
+            if self._space == "latent_delta":
                 out[:, :, fs] = self._latent_delta(call, probe, run, xg, sg, e, fidx, info, g)
             else:
                 h_out = self.hook(call, m.embed(xg), run, probe)

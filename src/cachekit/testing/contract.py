@@ -81,7 +81,7 @@ from ..config import ConfigBase
 from ..engine import CacheEngine
 from ..errors import CacheKitError
 from ..plugins import Registry, get_registry
-from ..protocols import Policy
+from ..protocols import Policy, PolicyWrapper
 from ..stats import RECOMPUTE_REASONS, CacheStats
 from ..types import ChunkCall, Decision, DecisionKind, Scope, tensor_repr
 from .replay import Trajectory, record_trajectory, replay
@@ -157,10 +157,11 @@ def _decision_sig(d: Decision) -> tuple:
     return (d.kind.value, None if d.tokens is None else tuple(d.tokens.tolist()))
 
 
-class DecisionSpy:
+class DecisionSpy(PolicyWrapper):
     """Wraps a policy for the engine: validates every decision and state, records them.
 
-    Forwards ``name``, ``scope``, ``needs_residual`` and ``config``. Records ``decisions``
+    Runs exactly as the wrapped policy (:class:`cachekit.protocols.PolicyWrapper`; the
+    policy is ``spy.policy``). Records ``decisions``
     (``(call, decision)`` as the policy returned it, before any engine override), asserts token
     subsets lie inside the chunk, that ``new_state`` returns None or a fresh object with
     ``reset()``/``check_valid()``, and calls ``check_valid()`` after ``new_state``, ``decide``
@@ -168,11 +169,8 @@ class DecisionSpy:
     """
 
     def __init__(self, policy: Any) -> None:
+        super().__init__(policy)
         self.policy = policy
-        self.name = policy.name
-        self.scope = policy.scope
-        self.needs_residual = policy.needs_residual
-        self.config = getattr(policy, "config", None)
         self.clear()
 
     def clear(self) -> None:
@@ -198,7 +196,7 @@ class DecisionSpy:
                 f"{type(exc).__name__}: {exc}") from exc
 
     def new_state(self, call: ChunkCall) -> Any:
-        state = self.policy.new_state(call)
+        state = self.inner.new_state(call)
         if state is not None:
             where = _where(self.name, call)
             missing = [m for m in ("reset", "check_valid")
@@ -218,7 +216,7 @@ class DecisionSpy:
         return state
 
     def decide(self, call: ChunkCall, probe: Any, state: Any, memory: dict) -> Decision:
-        d = self.policy.decide(call, probe, state, memory)
+        d = self.inner.decide(call, probe, state, memory)
         where = _where(self.name, call)
         assert isinstance(d, Decision), (
             f"{where}: decide() returned {d!r}; expected a cachekit.types.Decision "
@@ -232,7 +230,7 @@ class DecisionSpy:
         return d
 
     def observe(self, call: ChunkCall, probe: Any, state: Any, outcome: Any, memory: dict) -> None:
-        self.policy.observe(call, probe, state, outcome, memory)
+        self.inner.observe(call, probe, state, outcome, memory)
         self.observed += 1
         self._valid(state, call, "after observe()")
         if memory:
