@@ -34,7 +34,7 @@ from cachekit.calibration import FORMAT, CoefficientWarning, check_polynomial
 from cachekit.config import in_range, knob
 from cachekit.errors import CacheContextError, ConfigError, invalid_value
 from cachekit.motion import poly_rescale, rel_l1
-from cachekit.protocols import Outcome
+from cachekit.protocols import Outcome, PolicyContract
 from cachekit.types import ChunkCall, Decision, Probe
 
 __all__ = [
@@ -397,7 +397,7 @@ class AccumulateResetPolicy:
     decision per window, vanilla execution) are this same algorithm at two scopes; they differ
     only in their config (defaults, docs, presets) and these class attributes:
 
-    * ``name``, ``scope``, ``contract`` as for any policy;
+    * ``name``, ``scope`` as for any policy (the contract hints are shared, below);
     * ``config_cls``: the config class (fields ``threshold``, ``warmup_steps``,
       ``compute_last`` and the coefficient knobs);
     * ``indicator_scope``: ``"chunk"`` or ``"window"``, the calibration scope its
@@ -412,6 +412,13 @@ class AccumulateResetPolicy:
     needs_residual: ClassVar[bool] = True
     config_cls: ClassVar[type]
     indicator_scope: ClassVar[str]
+    #: Hints for the policy contract suite (cachekit.testing.contract), the same for every
+    #: scope. The speed values suit the toy model's trajectory, whose modulation drifts by
+    #: about 1 per step.
+    contract: ClassVar[PolicyContract] = PolicyContract(
+        lossless={"threshold": 0.0}, speed_knob="threshold",
+        speed_values=(0.0, 0.5, 1.0, 2.0, 4.0), warmup_knob="warmup_steps",
+        stress={"warmup_steps": 1})
 
     def __init__(self, config: Any = None, registry: Any = None) -> None:
         self.config = config or self.config_cls()

@@ -21,7 +21,6 @@ from typing import ClassVar, Optional
 import attrs
 
 from cachekit.config import ConfigBase, in_range, knob, to_bool
-from cachekit.protocols import PolicyContract
 from cachekit.types import Scope
 
 from ._indicator import (
@@ -71,11 +70,5 @@ class TeaCachePolicy(AccumulateResetPolicy):
 
     name: ClassVar[str] = "teacache"
     scope: ClassVar[Scope] = Scope.WINDOW
-    #: Hints for the policy contract suite (cachekit.testing.contract). The speed values suit
-    #: the toy model's trajectory, whose modulation drifts by about 1 per step.
-    contract: ClassVar[PolicyContract] = PolicyContract(
-        lossless={"threshold": 0.0}, speed_knob="threshold",
-        speed_values=(0.0, 0.5, 1.0, 2.0, 4.0), warmup_knob="warmup_steps",
-        stress={"warmup_steps": 1})
     config_cls: ClassVar[type] = TeaCacheConfig
     indicator_scope: ClassVar[str] = "window"

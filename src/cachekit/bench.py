@@ -1256,10 +1256,6 @@ def docs_page(doc: dict, *, figures: dict[str, str], report_dir: str,
                   "(`CacheStats.block_time_s`), cachekit's own per-call overhead "
                   "(`overhead_s`: decisions, residual bookkeeping, gathers) and the rest "
                   "(embedding, head, sampler).", "", _time_table(ss), ""]
-        mc = [s for s in ss if s["policy"] == "motioncache"]
-        if mc:
-            effs = ", ".join(f"{s['setting']}: {_f(s['efficiency'])}" for s in mc)
-            lines += [f"MotionCache efficiency (target >= 0.8 on the bundled model): {effs}.", ""]
         lines += ["### Recompute maps", ""]
         for s in ss:
             name = _heatmap_name(s["tag"], sch)
