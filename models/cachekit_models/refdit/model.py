@@ -62,8 +62,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with RMSNorm on q and k (over the full width) and RoPE."""
+class _QKNormAttention(nn.Module):
+    """Projections shared by both attentions: q, k, v, o and RMSNorm on q and k over the full
+    width (as Wan)."""
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -71,6 +72,10 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+
+class SelfAttention(_QKNormAttention):
+    """Multi-head self-attention with q/k RMSNorm and RoPE."""
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_fn: KVFn,
                 mask: Optional[Tensor]) -> Tensor:
@@ -85,15 +90,8 @@ class SelfAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, n, d))
 
 
-class CrossAttention(nn.Module):
-    """Attention from video tokens to condition tokens (RMSNorm on q and k, as Wan)."""
-
-    def __init__(self, dim: int, heads: int, eps: float):
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = nn.RMSNorm(dim, eps=eps)
-        self.norm_k = nn.RMSNorm(dim, eps=eps)
+class CrossAttention(_QKNormAttention):
+    """Attention from video tokens to condition tokens (q/k RMSNorm, as Wan)."""
 
     def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
         """``x`` ``[B, N, D]``, ``ctx`` ``[B, L, D]`` -> ``[B, N, D]``."""
