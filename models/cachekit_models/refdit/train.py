@@ -153,9 +153,9 @@ def draw_loss_png(rows: list[tuple[int, float]], path: Path, size=(640, 360)) ->
     hi = max(hi, lo + 0.25)
     x0, x1 = steps.min(), max(steps.max(), steps.min() + 1)
 
-    def px(s, l):
+    def px(s, lv):
         return (left + (s - x0) / (x1 - x0) * (w - left - right),
-                top + (hi - l) / (hi - lo) * (h - top - bottom))
+                top + (hi - lv) / (hi - lo) * (h - top - bottom))
 
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     for k in np.arange(lo, hi + 1e-9, 0.25):
@@ -167,8 +167,8 @@ def draw_loss_png(rows: list[tuple[int, float]], path: Path, size=(640, 360)) ->
         x, _ = px(s, lo)
         d.line([x, h - bottom, x, h - bottom + 4], fill="black")
         d.text((x - 12, h - bottom + 8), f"{int(s)}", fill="black")
-    d.line([px(s, l) for s, l in zip(steps, loss)], fill=(170, 190, 230), width=1)
-    d.line([px(s, l) for s, l in zip(steps[win - 1:], smooth)], fill=(200, 30, 30), width=2)
+    d.line([px(s, lv) for s, lv in zip(steps, loss)], fill=(170, 190, 230), width=1)
+    d.line([px(s, lv) for s, lv in zip(steps[win - 1:], smooth)], fill=(200, 30, 30), width=2)
     d.text((left, 5), "training loss (MSE on velocity, log scale) vs step", fill="black")
     img.save(path)
 
