@@ -20,17 +20,20 @@ class ScriptedPolicy:
     """A test policy that plays back decisions and records everything it sees.
 
     ``script`` is either a dict ``{(branch, chunk, step): Decision}`` (missing keys give
-    ``default``) or a callable ``script(call, state, memory) -> Decision``. ``scope`` and
-    ``needs_residual`` are instance attributes so one class covers every case.
+    ``default``) or a callable ``script(call, state, memory) -> Decision``. ``scope``,
+    ``needs_residual`` and ``reuse_space`` are instance attributes so one class covers every
+    case.
     """
 
     name = "scripted"
 
     def __init__(self, script: Any = None, *, scope: Scope = Scope.CHUNK,
-                 needs_residual: bool = True, default: Optional[Decision] = None) -> None:
+                 needs_residual: bool = True, default: Optional[Decision] = None,
+                 reuse_space: str = "residual") -> None:
         self.script = script if script is not None else {}
         self.scope = scope
         self.needs_residual = needs_residual
+        self.reuse_space = reuse_space
         self.default = default if default is not None else Decision.compute("default")
         self.config = None
         self.states_made: list[dict] = []

@@ -7,7 +7,6 @@ mismatch between what the policy reuses and what the adapter wraps is an error.
 
 from __future__ import annotations
 
-from typing import ClassVar
 
 import pytest
 import torch
@@ -20,44 +19,29 @@ from cachekit_models.refdit.adapter import RefDiTAdapter
 from cachekit_models.synthetic import Condition
 from cachekit_policies.motioncache import MotionCacheConfig, MotionCachePolicy
 
+from conftest import ScriptedPolicy
 from test_refdit import BATCH, TINY, tiny_model
 
 
-class ScriptedPolicy:
-    """Decides from a script ``{step: "compute" | "reuse" | tokens}``, for one chunk."""
-
-    name: ClassVar[str] = "scripted"
-    scope: ClassVar[Scope] = Scope.CHUNK
-    needs_residual: ClassVar[bool] = True
-
-    def __init__(self, script, reuse_space="latent_delta"):
-        self.script = script
-        self.reuse_space = reuse_space
-        self.seen: list = []
-
-    def new_state(self, call):
-        return None
-
-    def decide(self, call, probe, state, memory):
-        self.seen.append((call.chunk, call.step, call.space))
-        what = self.script.get(call.step, "compute") if call.chunk == 0 else "compute"
+def _scripted(steps, reuse_space="latent_delta", scope=Scope.CHUNK):
+    """The shared test policy playing ``{step: "compute" | "reuse" | tokens}`` on chunk 0
+    (every other chunk computes)."""
+    def play(call, state, memory):
+        what = steps.get(call.step, "compute") if call.chunk == 0 else "compute"
         if what == "compute":
             return Decision.compute("script")
         if what == "reuse":
             return Decision.reuse("script")
         return Decision.subset(torch.tensor(what), call.num_tokens, "script")
-
-    def observe(self, call, probe, state, outcome, memory):
-        pass
+    return ScriptedPolicy(play, scope=scope, reuse_space=reuse_space)
 
 
 def _drive(policy_script, step_sizes=(-0.3, -0.2), reuse_space="latent_delta", mode="chunked"):
     """Two iterations of a one-chunk-active window; returns the velocities of chunk 0."""
     model = tiny_model(4)
     adapter = RefDiTAdapter(model)
-    policy = ScriptedPolicy(policy_script, reuse_space)
-    policy.scope = None            # any scope: the space check is what is tested in vanilla
-    engine = CacheEngine(policy)
+    # any scope: in vanilla mode the space check is what is tested
+    engine = CacheEngine(_scripted(policy_script, reuse_space, scope=None))
     sess = adapter.session(batch=BATCH, mode=mode, hook=engine)
     cfg = model.cfg
     n_chunks = cfg.max_frames // cfg.chunk_frames
@@ -112,16 +96,10 @@ def test_partial_reuse_fresh_where_computed_and_repeated_elsewhere():
 
 
 def test_engine_sees_latent_tokens():
-    policy_seen = []
-
-    class Spy(ScriptedPolicy):
-        def decide(self, call, probe, state, memory):
-            policy_seen.append(call.space)
-            return super().decide(call, probe, state, memory)
-
     model = tiny_model(1)
     adapter = RefDiTAdapter(model)
-    engine = CacheEngine(Spy({}))
+    policy = _scripted({})
+    engine = CacheEngine(policy)
     captured = {}
     real_call = engine.__call__
 
@@ -143,7 +121,7 @@ def test_engine_sees_latent_tokens():
     x = torch.randn(BATCH, 3, cfg.max_frames, cfg.height, cfg.width)
     sess.velocity(x, torch.ones(BATCH, cfg.max_frames),
                   adapter.encode_condition([Condition()] * BATCH), info)
-    assert policy_seen == ["latent_delta"]
+    assert [c.space for c, _ in policy.decided] == ["latent_delta"]
     torch.testing.assert_close(captured["h_in"], model.patchify(x[:, :, :cfg.chunk_frames]))
 
 
@@ -180,7 +158,7 @@ def test_vanilla_mode_refuses_latent_delta():
 
 def test_scripted_residual_policy_rejects_latent_calls():
     model = tiny_model(1)
-    engine = CacheEngine(ScriptedPolicy({}, reuse_space="residual"))
+    engine = CacheEngine(_scripted({}, reuse_space="residual"))
     from cachekit.types import ChunkCall, Probe
     engine.begin_run()
     engine.begin_window(0)
@@ -207,7 +185,7 @@ def test_step_sizes_are_validated(bad):
 
 def test_unknown_reuse_space_is_refused_by_the_engine():
     with pytest.raises(ConfigError, match="reuse_space"):
-        CacheEngine(ScriptedPolicy({}, reuse_space="pixels"))
+        CacheEngine(_scripted({}, reuse_space="pixels"))
     with pytest.raises(ConfigError, match="reuse_space"):
         MotionCacheConfig(reuse_space="pixels")
 
