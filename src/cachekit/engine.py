@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -42,8 +42,8 @@ from .errors import (CacheContextError, ConfigError, DecisionError, ResidualShap
 from .plugins import Registry, get_registry
 from .protocols import Outcome, WindowMemory, reuse_space_of
 from .stats import CacheStats, CallRecord
-from .types import (REUSE_SPACES, BlockRunner, ChunkCall, Decision, DecisionKind, Probe,
-                    tensor_repr)
+from .types import (REUSE_SPACES, BlockRunner, ChunkCall, Decision, DecisionKind, GroupRunner,
+                    Probe, tensor_repr)
 
 __all__ = ["CacheEngine"]
 
@@ -166,6 +166,72 @@ class CacheEngine:
     def __call__(self, call: ChunkCall, h_in: torch.Tensor, run: BlockRunner,
                  probe: Probe) -> torch.Tensor:
         t0 = _perf()
+        p = self._plan(call, h_in, probe)
+        out, block_s = None, 0.0
+        if p.args is not None:
+            tb = self._tick()
+            out = run(*p.args)
+            block_s = self._tick() - tb
+        return self._finish(p, out, block_s, (_perf() - t0) - block_s)
+
+    def run_chunks(self, calls: Sequence[ChunkCall], h_ins: Sequence[torch.Tensor],
+                   run: GroupRunner, probes: Sequence[Probe]) -> list[torch.Tensor]:
+        """The hook for several chunks of one iteration and branch run as ONE forward.
+
+        Same result as calling the engine once per chunk in chunk order (``engine(call, h,
+        run_g, probe)`` for each), but the blocks run once: the policy decides every chunk
+        first (in chunk order), ``run(parts)`` computes what the decisions ask for, and then
+        each chunk's outcome is stored and observed (in chunk order). ``parts`` lists
+        ``(i, h, tokens)`` for each chunk ``i`` (an index into ``calls``) that computes:
+        ``tokens`` is None for all tokens, else the sorted subset and ``h`` its inputs; ``run``
+        returns one output per part, same shapes. Chunks that reuse everything are not in
+        ``parts``.
+
+        The difference a policy can see: chunk ``g``'s ``decide`` comes before chunk
+        ``g - 1``'s ``observe`` of the same iteration. A policy whose ``decide`` reads what an
+        earlier chunk's ``observe`` wrote in the same iteration sets ``batch_chunks = False``
+        (see :attr:`batch_chunks`); adapters then call the engine chunk by chunk.
+
+        Block time is shared among the computing chunks by their computed token count in the
+        per-call records (the forward cannot be split after the fact).
+        """
+        if not (len(calls) == len(h_ins) == len(probes)) or not calls:
+            raise CacheContextError(invalid_value(
+                "run_chunks(calls, h_ins, probes)", "three non-empty sequences of one length",
+                (len(calls), len(h_ins), len(probes))))
+        plans = []
+        for call, h_in, probe in zip(calls, h_ins, probes):
+            t0 = _perf()
+            plans.append(self._plan(call, h_in, probe))
+            plans[-1].spent = _perf() - t0
+        parts = [(i, *p.args) for i, p in enumerate(plans) if p.args is not None]
+        outs: dict[int, torch.Tensor] = {}
+        shares: dict[int, float] = {}
+        if parts:
+            tb = self._tick()
+            results = run(parts)
+            block_s = self._tick() - tb
+            if not isinstance(results, (list, tuple)) or len(results) != len(parts):
+                raise ResidualShapeError(invalid_value(
+                    "group runner result", f"a list of {len(parts)} tensors (one per part)",
+                    type(results).__name__ if not isinstance(results, (list, tuple))
+                    else f"{len(results)} items"))
+            tokens = [part[1].shape[1] for part in parts]
+            total = max(sum(tokens), 1)
+            for (i, _h, _t), out, k in zip(parts, results, tokens):
+                outs[i] = out
+                shares[i] = block_s * k / total
+        return [self._finish(p, outs.get(i), shares.get(i, 0.0), p.spent)
+                for i, p in enumerate(plans)]
+
+    @property
+    def batch_chunks(self) -> bool:
+        """May a model adapter run several chunks of an iteration as one forward through
+        :meth:`run_chunks`? The policy's ``batch_chunks`` attribute (default True)."""
+        return bool(getattr(self.policy, "batch_chunks", True))
+
+    def _plan(self, call: ChunkCall, h_in: torch.Tensor, probe: Probe) -> "_Plan":
+        """Validate the call, ask the policy, fetch the residual; what to run is ``args``."""
         if self._window is None:
             raise CacheContextError(
                 f"engine called for {call.key} step {call.step} outside a window. The sampler "
@@ -201,7 +267,6 @@ class CacheEngine:
 
         decision = policy.decide(call, probe, state, memory)
         kind = decision.kind
-        reason = decision.reason
         n = call.num_tokens
         if kind is DecisionKind.PARTIAL:
             # validated before anything else, so a bad subset never passes silently
@@ -216,49 +281,58 @@ class CacheEngine:
                 # Never stored because it was non-finite, or evicted under a budget.
                 reason = self._dropped.pop(key, "missing_residual")
                 self._count_recompute(reason, key, call)
-                kind = DecisionKind.COMPUTE
                 decision = Decision.compute(reason)
             elif residual.shape != h_in.shape:
                 raise ResidualShapeError(invalid_value(
                     f"cached residual for {key}", f"shape {tuple(h_in.shape)} (the block input)",
                     tuple(residual.shape), "The window geometry changed without begin_window(), "
                     "or the adapter passed a different token layout."))
-
-        block_s = 0.0
-        if kind is DecisionKind.COMPUTE:
+        p = _Plan(call, probe, state, memory, decision, residual, h_in)
+        if decision.kind is DecisionKind.COMPUTE:
             # Snapshot: an in-place block must not turn the residual into zero.
-            h_ref = h_in.clone() if policy.needs_residual else h_in
-            tb = self._tick()
-            h_out = run(h_in)
-            block_s = self._tick() - tb
-            self._check_out(h_out, h_ref, key)
-            if policy.needs_residual:
-                self._store_full(key, h_out - h_ref, call)
-            computed = n
-            h_in_seen = h_ref
-        elif kind is DecisionKind.REUSE:
-            assert residual is not None
-            h_out = h_in + residual
-            computed = 0
-            h_in_seen = h_in
-        else:
+            p.h_ref = h_in.clone() if policy.needs_residual else h_in
+            p.args = (h_in, None)
+        elif decision.kind is DecisionKind.PARTIAL:
             idx = decision.tokens
             assert idx is not None
             if idx.device != h_in.device:
                 idx = idx.to(h_in.device)
             h_sub = h_in.index_select(1, idx)  # a copy: the snapshot of the subset
-            h_sub_ref = h_sub.clone()
-            tb = self._tick()
-            out_sub = run(h_sub, idx)
-            block_s = self._tick() - tb
-            if out_sub.shape != h_sub_ref.shape:
+            p.h_ref = h_sub.clone()
+            p.args = (h_sub, idx)
+        return p
+
+    def _finish(self, p: "_Plan", out: Optional[torch.Tensor], block_s: float,
+                spent: float) -> torch.Tensor:
+        """Apply the decision given the blocks' output ``out`` (None when nothing ran): store
+        the residual, let the policy observe, record. ``spent``: engine time so far."""
+        t0 = _perf()
+        call, key, decision = p.call, p.call.key, p.decision
+        kind, h_in, n = decision.kind, p.h_in, call.num_tokens
+        if kind is DecisionKind.COMPUTE:
+            assert out is not None and p.h_ref is not None
+            h_out = out
+            self._check_out(h_out, p.h_ref, key)
+            if self.policy.needs_residual:
+                self._store_full(key, h_out - p.h_ref, call)
+            computed = n
+            h_in_seen = p.h_ref
+        elif kind is DecisionKind.REUSE:
+            assert p.residual is not None
+            h_out = h_in + p.residual
+            computed = 0
+            h_in_seen = h_in
+        else:
+            assert out is not None and p.h_ref is not None and p.args is not None
+            h_sub_ref, idx = p.h_ref, p.args[1]
+            if not isinstance(out, torch.Tensor) or out.shape != h_sub_ref.shape:
                 raise ResidualShapeError(invalid_value(
                     f"selective block output for {key}", f"shape {tuple(h_sub_ref.shape)}",
-                    tuple(out_sub.shape)))
-            assert residual is not None and idx is not None
-            h_out = h_in + residual
-            h_out.index_copy_(1, idx, out_sub)
-            delta = out_sub - h_sub_ref
+                    tensor_repr(out)))
+            assert p.residual is not None and idx is not None
+            h_out = h_in + p.residual
+            h_out.index_copy_(1, idx, out)
+            delta = out - h_sub_ref
             if self.config.check_finite and not bool(torch.isfinite(delta).all()):
                 self._drop_nonfinite(key, call)
             else:
@@ -266,11 +340,12 @@ class CacheEngine:
             computed = int(idx.numel())
             h_in_seen = h_in
 
-        policy.observe(call, probe, state, Outcome(decision=decision, h_in=h_in_seen,
-                                                    h_out=h_out, computed_tokens=computed,
-                                                    num_tokens=n), memory)
+        self.policy.observe(call, p.probe, p.state,
+                            Outcome(decision=decision, h_in=h_in_seen, h_out=h_out,
+                                    computed_tokens=computed, num_tokens=n), p.memory)
         record = CallRecord(self._window, call.iteration, call.branch, call.chunk, call.step,
-                            kind.value, computed, n, reason, block_s, _perf() - t0)
+                            kind.value, computed, n, decision.reason, block_s,
+                            spent + block_s + (_perf() - t0))
         self._records.append(record)
         if self._on_step_end is not None:
             self._on_step_end(engine=self, call=call, record=record)
@@ -362,3 +437,21 @@ class CacheEngine:
     def state(self, branch: str, chunk: int) -> Any:
         """The policy state of (branch, chunk) in the current window (for tests/debugging)."""
         return self._states.get((branch, chunk))
+
+
+class _Plan:
+    """One chunk call between the policy's decision and its outcome (engine-internal)."""
+
+    __slots__ = ("call", "probe", "state", "memory", "decision", "residual", "h_in", "h_ref",
+                 "args", "spent")
+
+    def __init__(self, call: ChunkCall, probe: Probe, state: Any, memory: dict,
+                 decision: Decision, residual: Optional[torch.Tensor],
+                 h_in: torch.Tensor) -> None:
+        self.call, self.probe, self.state, self.memory = call, probe, state, memory
+        self.decision, self.residual, self.h_in = decision, residual, h_in
+        # the snapshot the residual is taken against (all tokens, or the subset)
+        self.h_ref: Optional[torch.Tensor] = None
+        # what to run: (h, None) for all tokens, (h_sub, tokens) for a subset, None for nothing
+        self.args: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        self.spent = 0.0

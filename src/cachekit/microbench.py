@@ -6,11 +6,14 @@
     alike. Prints the median per-pair ratio; the engine's overhead is ``1 - plain/engine``.
     Also checks that both videos are bit-identical.
 
-``python -m cachekit.microbench structure``
+``python -m cachekit.microbench structure [--case KEY=VALUE,... ...]``
     The lossless layer: ``vanilla`` execution (the whole window every iteration, as stock
     SkyReels-V2) against ``chunked`` (chunk by chunk with context K/V; finished and pending
-    chunks never run), interleaved, uncached. Prints the speedup and the max abs difference
-    of the two videos.
+    chunks never run), interleaved, uncached, at the adapter's default sampler settings
+    changed by each ``--case``. Prints the analytic FLOP ratio (the most this schedule lets
+    the layer save), the measured speedup and the max abs difference of the two videos; with
+    the bundled model also chunked with one call per chunk instead of one batched forward per
+    iteration. Several ``--case`` options print a table.
 
 Both default to the bundled model (``--model refdit``); ``--model toy`` runs in seconds.
 """
@@ -27,6 +30,8 @@ from typing import Any, Callable
 import torch
 
 from .engine import CacheEngine
+from .errors import ConfigError, invalid_value
+from .metrics import block_cost, generation_flops
 from .plugins import DEFAULT_MODEL, get_registry
 from .sampling import SamplerConfig, generate
 
@@ -81,23 +86,75 @@ def overhead(model: str = DEFAULT_MODEL, repeats: int = 5, sampler: SamplerConfi
     }
 
 
-def structure(model: str = DEFAULT_MODEL, repeats: int = 3, sampler: SamplerConfig | None = None) -> dict:
-    sampler = sampler or SamplerConfig(num_frames=16, num_steps=10, ar_step=2)
-    adapter, cond, uncond = _setup(model, sampler)
-    fns: dict[str, Callable[[], Any]] = {
-        mode: functools.partial(generate, adapter, cond, uncond=uncond,
-                                config=sampler.evolve(mode=mode), seed=0)
-        for mode in ("vanilla", "chunked")}
-    with torch.inference_mode():
-        out = interleaved(fns, repeats)
+def _default_sampler(adapter: Any) -> SamplerConfig:
+    fn = getattr(adapter, "default_sampler", None)
+    return fn() if callable(fn) else SamplerConfig(num_frames=adapter.spec.max_frames,
+                                                   num_steps=10, ar_step=2)
+
+
+def structure(model: str = DEFAULT_MODEL, repeats: int = 3, sampler: SamplerConfig | None = None,
+              **overrides: Any) -> dict:
+    """Uncached ``vanilla`` vs ``chunked`` execution of one sampler setting, interleaved.
+
+    ``sampler`` defaults to the adapter's ``default_sampler()``; ``overrides`` are
+    :class:`SamplerConfig` fields applied on top. When the adapter has a ``chunk_batching``
+    switch (the bundled model), chunked runs both ways: batched (one forward per iteration and
+    branch, the default) and one call per chunk. ``flop_ratio`` is the analytic block-stack
+    FLOPs of vanilla over chunked for this schedule: what the lossless layer can save at best.
+    """
+    adapter = get_registry().create_adapter(model)
+    cond, uncond, _ = adapter.encode_prompt(None, seed=0, batch=1)
+    sampler = (sampler or _default_sampler(adapter)).evolve(**overrides)
+    batching = getattr(adapter, "chunk_batching", None)
+
+    def run(mode: str, batched: bool | None = None) -> Any:
+        if batched is not None:
+            adapter.chunk_batching = batched
+        return generate(adapter, cond, uncond=uncond, config=sampler.evolve(mode=mode), seed=0)
+
+    fns: dict[str, Callable[[], Any]] = {"vanilla": functools.partial(run, "vanilla"),
+                                         "chunked": functools.partial(run, "chunked")}
+    if isinstance(batching, bool):
+        fns["chunked"] = functools.partial(run, "chunked", True)
+        fns["chunked_per_chunk"] = functools.partial(run, "chunked", False)
+    try:
+        with torch.inference_mode():
+            out = interleaved(fns, repeats)
+    finally:
+        if isinstance(batching, bool):
+            adapter.chunk_batching = batching
     t = out["times"]
     res = out["results"]
-    return {
+    cost, _src = block_cost(adapter)
+    branches = ["cond", "uncond"] if sampler.guidance_scale != 1.0 else ["cond"]
+    flops = {m: generation_flops(adapter.spec, sampler, cost, branches=branches, mode=m).flops
+             for m in ("vanilla", "chunked")}
+    r: dict[str, Any] = {
         "model": model, "repeats": repeats, "sampler": sampler.tag(),
+        "flop_ratio": flops["vanilla"] / flops["chunked"],
         "vanilla_s": statistics.median(t["vanilla"]), "chunked_s": statistics.median(t["chunked"]),
         "speedup_median": statistics.median(v / c for v, c in zip(t["vanilla"], t["chunked"])),
         "max_abs_diff": float((res["vanilla"].video - res["chunked"].video).abs().max()),
     }
+    if "chunked_per_chunk" in t:
+        r["chunked_per_chunk_s"] = statistics.median(t["chunked_per_chunk"])
+        r["speedup_per_chunk_median"] = statistics.median(
+            v / c for v, c in zip(t["vanilla"], t["chunked_per_chunk"]))
+        r["batched_vs_per_chunk_max_abs_diff"] = float(
+            (res["chunked"].video - res["chunked_per_chunk"].video).abs().max())
+    return r
+
+
+def _parse_case(text: str) -> dict[str, str]:
+    """``"num_steps=30,ar_step=5"`` -> ``{"num_steps": "30", "ar_step": "5"}``."""
+    case: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(invalid_value("--case", "comma-separated KEY=VALUE sampler "
+                                            "settings, e.g. num_steps=30,ar_step=5", text))
+        case[key.strip()] = value.strip()
+    return case
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,15 +163,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("which", choices=["overhead", "structure"])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--ar-step", type=int, default=2)
+    p.add_argument("--frames", type=int, default=16, help="overhead only")
+    p.add_argument("--steps", type=int, default=10, help="overhead only")
+    p.add_argument("--ar-step", type=int, default=2, help="overhead only")
+    p.add_argument("--case", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="structure: sampler settings over the adapter's defaults (repeat the "
+                        "option for a table), e.g. --case num_frames=40,overlap_history=4")
     a = p.parse_args(argv)
-    sampler = SamplerConfig(num_frames=a.frames, num_steps=a.steps, ar_step=a.ar_step)
-    fn = overhead if a.which == "overhead" else structure
-    r = fn(a.model, a.repeats, sampler)
-    for k, v in r.items():
-        print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+    try:
+        if a.which == "overhead":
+            sampler = SamplerConfig(num_frames=a.frames, num_steps=a.steps, ar_step=a.ar_step)
+            rows = [overhead(a.model, a.repeats, sampler)]
+        else:
+            cases = [_parse_case(c) for c in a.case] or [{}]
+            rows = [structure(a.model, a.repeats, **case) for case in cases]
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if len(rows) == 1:
+        for k, v in rows[0].items():
+            print(f"{k:36s} {v:.4f}" if isinstance(v, float) else f"{k:36s} {v}")
+        return 0
+    cols = [k for k in rows[0] if k not in ("model", "repeats")]
+    print(f"model `{a.model}`, {a.repeats} interleaved repeat(s), torch "
+          f"{torch.__version__}, {torch.get_num_threads()} thread(s)\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c])
+                                for c in cols) + " |")
     return 0
 
 

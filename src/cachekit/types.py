@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 import attrs
 import torch
@@ -33,6 +33,7 @@ __all__ = [
     "IterationInfo",
     "BlockRunner",
     "ChunkHook",
+    "GroupRunner",
     "tensor_repr",
     "ModelSpec",
 ]
@@ -337,6 +338,16 @@ class BlockRunner(Protocol):
 #: The callable a model adapter invokes once per chunk (or once per window) instead of running
 #: its block stack directly: ``hook(call, h_in, run, probe) -> h_out``. The engine implements it.
 ChunkHook = Callable[[ChunkCall, torch.Tensor, BlockRunner, Probe], torch.Tensor]
+
+#: Runs several chunks of one iteration and branch as ONE forward (see
+#: :meth:`cachekit.engine.CacheEngine.run_chunks`): ``run(parts) -> outputs`` with ``parts`` a
+#: sequence of ``(i, h, tokens)``: ``i`` the chunk's position in the engine's ``calls``, ``h``
+#: ``[B, N, D]`` (``tokens`` None, all tokens) or ``[B, K, D]`` (``tokens`` the sorted int64
+#: subset, as :class:`BlockRunner`). Returns one output per part in the same order and shapes.
+#: Chunks attend block-causally among themselves (a later chunk sees the fresh keys/values
+#: the earlier ones write in the same forward), so the result equals running them one by one.
+GroupRunner = Callable[[Sequence[tuple[int, torch.Tensor, Optional[torch.Tensor]]]],
+                       Sequence[torch.Tensor]]
 
 
 @attrs.frozen(kw_only=True)

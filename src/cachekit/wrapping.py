@@ -26,7 +26,7 @@ class PolicyWrapper:
     """Base of objects that stand in for a policy in front of the engine (recorders, checkers).
 
     Copies every attribute the engine reads from a policy (``name``, ``scope``,
-    ``needs_residual``, ``config``, ``reuse_space``), so a wrapped policy runs exactly as the
+    ``needs_residual``, ``config``, ``reuse_space``, ``batch_chunks``), so a wrapped policy runs exactly as the
     bare one, and delegates ``new_state``/``decide``/``observe`` to it; subclasses override
     those to look at the traffic. Other attributes are looked up on the wrapped policy.
     """
@@ -38,6 +38,7 @@ class PolicyWrapper:
         self.needs_residual = inner.needs_residual
         self.config = getattr(inner, "config", None)
         self.reuse_space = reuse_space_of(inner)
+        self.batch_chunks = bool(getattr(inner, "batch_chunks", True))
 
     def __getattr__(self, item: str) -> Any:
         if item == "inner":  # not set yet (e.g. during unpickling): no recursion

@@ -49,12 +49,16 @@ class RefDiTAdapter:
 
     name = "refdit"
 
-    def __init__(self, model: Optional[RefDiT] = None):
+    def __init__(self, model: Optional[RefDiT] = None, *, chunk_batching: bool = True):
         if model is None:
             from .loading import load_refdit
             model = load_refdit()
+        if not isinstance(chunk_batching, bool):
+            raise ConfigError(invalid_value("chunk_batching", "True or False", chunk_batching))
         self.model = model.eval()
         self.spec: ModelSpec = model.cfg.spec(self.name)
+        #: chunked mode: run an iteration's chunks as one forward (True) or one call per chunk
+        self.chunk_batching = chunk_batching
 
     # -- conditions ------------------------------------------------------------------------------
     def parse_condition(self, text: str) -> Condition:
@@ -112,21 +116,24 @@ class RefDiTAdapter:
     def session(self, *, batch: int, mode: str = "chunked",
                 hook: Optional[ChunkHook] = None) -> "RefDiTSession":
         """A generation session (owns the per-branch K/V buffers of the current window)."""
-        return RefDiTSession(self.model, batch=batch, mode=mode, hook=hook)
+        return RefDiTSession(self.model, batch=batch, mode=mode, hook=hook,
+                             chunk_batching=self.chunk_batching)
 
 
-def load_adapter(path=None, *, verify: bool = True, device: str = "cpu") -> RefDiTAdapter:
+def load_adapter(path=None, *, verify: bool = True, device: str = "cpu",
+                 chunk_batching: bool = True) -> RefDiTAdapter:
     """The plugin factory: an adapter around :func:`~.loading.load_refdit` (``path`` default:
     the bundled weights)."""
     from .loading import load_refdit
-    return RefDiTAdapter(load_refdit(path, verify=verify, device=device))
+    return RefDiTAdapter(load_refdit(path, verify=verify, device=device),
+                         chunk_batching=chunk_batching)
 
 
 class RefDiTSession:
     """Per-generation state of the adapter: K/V buffers per branch, reset by ``begin_window``."""
 
     def __init__(self, model: RefDiT, *, batch: int, mode: str = "chunked",
-                 hook: Optional[ChunkHook] = None):
+                 hook: Optional[ChunkHook] = None, chunk_batching: bool = True):
         if mode not in MODES:
             raise ConfigError(invalid_value("mode", f"one of {', '.join(MODES)}", mode))
         if not (isinstance(batch, int) and batch >= 1):
@@ -138,6 +145,15 @@ class RefDiTSession:
         self.hook = hook
         # what the hook caches (ChunkCall.space); fixed for the session's hook
         self._space = reuse_space_of(hook) if hook is not None else "residual"
+        # Chunked mode runs all chunks of an iteration that need the blocks (active ones and
+        # context refreshes) as ONE forward when it can: without a hook, or with a hook that
+        # offers run_chunks (the engine) and allows it (the policy's batch_chunks). Same video
+        # as one call per chunk (block-causal attention inside the forward), fewer and larger
+        # matrix products: on a CPU the per-call cost of 64-token chunks otherwise exceeds
+        # the work chunked execution saves.
+        self._grouped = chunk_batching and (hook is None or (
+            callable(getattr(hook, "run_chunks", None))
+            and bool(getattr(hook, "batch_chunks", False))))
         self._window: Optional[int] = None
         self._frames = 0
         # branch -> per layer (K, V) buffers [B, heads, frames*tokens_per_frame, head_dim]
@@ -244,7 +260,6 @@ class RefDiTSession:
         return self._kv[branch]
 
     def _chunked(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo) -> Tensor:
-        m, cfg = self.model, self.cfg
         out = torch.zeros_like(x)
         active = info.active_chunks()
         if not active:
@@ -256,43 +271,199 @@ class RefDiTSession:
                 "IterationInfo.states", "no PENDING chunk before an ACTIVE one (chunked "
                 "execution never runs pending chunks, so later chunks could not see them)",
                 [s.value for s in info.states], "Use mode='vanilla' for such schedules."))
-        kv = self._buffers(info.branch, x)
+        self._buffers(info.branch, x)
         slot_state = self._slot_state[info.branch]
-        cf, tpf = cfg.chunk_frames, cfg.tokens_per_frame
-        n_chunk = cf * tpf
-        cos_all, sin_all = (t.to(x.device) for t in m.rope(self._frames))
-        fidx = m.frame_index(cf).to(x.device)     # token -> frame within the chunk
-        ht, wt = cfg.grid
-        for g in range(last + 1):
-            state = info.states[g]
-            if state in _CONTEXT_STATES and slot_state[g] is state:
-                continue  # its K/V already holds this (unchanging) context
-            fs = slice(g * cf, (g + 1) * cf)
-            xg, sg = x[:, :, fs], sigma[:, fs]
-            e, e0 = self._chunk_time_embedding(sg)
-            run = _ChunkRunner(self, kv, slot_state, g, state, e0, fidx,
-                               cos_all[g * n_chunk:(g + 1) * n_chunk],
-                               sin_all[g * n_chunk:(g + 1) * n_chunk], cond)
-            if state is not ChunkState.ACTIVE:
-                run(m.embed(xg))  # context only: fill slot g, the head output is never used
-                continue
-            if self.hook is None:
-                out[:, :, fs] = m.output(run(m.embed(xg)), e, fidx, xg, sg)
-                continue
-            call = ChunkCall(branch=info.branch, chunk=g, step=info.steps[g],
-                             num_steps=info.num_steps, window=info.window,
-                             iteration=info.iteration, frames=cf, tokens_per_frame=tpf,
-                             timestep=float(sg[:, 0].mean()) * 1000.0, scope=Scope.CHUNK,
-                             space=self._space)
-            probe = Probe(modulation=e0, latent=xg, grid=(cf, ht, wt),
-                          patch=(cfg.patch, cfg.patch))
-            if self._space == "latent_delta":
-                out[:, :, fs] = self._latent_delta(call, probe, run, xg, sg, e, fidx, info, g)
-            else:
-                h_out = self.hook(call, m.embed(xg), run, probe)
-                out[:, :, fs] = m.output(h_out, e, fidx, xg, sg)
+        # chunks whose blocks run now: the active ones, and context chunks whose K/V slot does
+        # not hold their current (unchanging) state yet
+        todo = [g for g in range(last + 1)
+                if not (info.states[g] in _CONTEXT_STATES and slot_state[g] is info.states[g])]
+        if self._grouped:
+            self._chunked_grouped(x, sigma, cond, info, todo, out)
+        else:
+            for g in todo:
+                self._chunked_one(x, sigma, cond, info, g, out)
         return out
 
+    def _chunk_view(self, x: Tensor, sigma: Tensor, g: int) -> tuple[Tensor, Tensor]:
+        fs = slice(g * self.cfg.chunk_frames, (g + 1) * self.cfg.chunk_frames)
+        return x[:, :, fs], sigma[:, fs]
+
+    def _call_and_probe(self, info: IterationInfo, g: int, xg: Tensor, sg: Tensor,
+                        e0: Tensor) -> tuple[ChunkCall, Probe]:
+        cfg = self.cfg
+        ht, wt = cfg.grid
+        call = ChunkCall(branch=info.branch, chunk=g, step=info.steps[g],
+                         num_steps=info.num_steps, window=info.window,
+                         iteration=info.iteration, frames=cfg.chunk_frames,
+                         tokens_per_frame=cfg.tokens_per_frame,
+                         timestep=float(sg[:, 0].mean()) * 1000.0, scope=Scope.CHUNK,
+                         space=self._space)
+        probe = Probe(modulation=e0, latent=xg, grid=(cfg.chunk_frames, ht, wt),
+                      patch=(cfg.patch, cfg.patch))
+        return call, probe
+
+    def _step_size(self, info: IterationInfo, g: int) -> float:
+        ds = None if info.step_sizes is None else info.step_sizes[g]
+        if ds is None:
+            raise ConfigError(invalid_value(
+                "IterationInfo.step_sizes", "the per-chunk Euler step sizes (latent_delta "
+                "reuse turns latent updates into velocities with them)", None,
+                "Use cachekit.sampling.generate, or pass step_sizes in IterationInfo."))
+        return ds
+
+    def _chunked_one(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo, g: int,
+                     out: Tensor) -> None:
+        """Chunk ``g`` on its own: one block-stack call (and one hook call if active)."""
+        m, cfg = self.model, self.cfg
+        n_chunk = cfg.chunk_frames * cfg.tokens_per_frame
+        cos_all, sin_all = (t.to(x.device) for t in m.rope(self._frames))
+        fidx = m.frame_index(cfg.chunk_frames).to(x.device)     # token -> frame within the chunk
+        state = info.states[g]
+        fs = slice(g * cfg.chunk_frames, (g + 1) * cfg.chunk_frames)
+        xg, sg = self._chunk_view(x, sigma, g)
+        e, e0 = self._chunk_time_embedding(sg)
+        run = _ChunkRunner(self, self._kv[info.branch], self._slot_state[info.branch], g, state,
+                           e0, fidx, cos_all[g * n_chunk:(g + 1) * n_chunk],
+                           sin_all[g * n_chunk:(g + 1) * n_chunk], cond)
+        if state is not ChunkState.ACTIVE:
+            run(m.embed(xg))  # context only: fill slot g, the head output is never used
+            return
+        if self.hook is None:
+            out[:, :, fs] = m.output(run(m.embed(xg)), e, fidx, xg, sg)
+            return
+        call, probe = self._call_and_probe(info, g, xg, sg, e0)
+        if self._space == "latent_delta":
+            ds = self._step_size(info, g)
+            x_tok = m.patchify(xg)
+
+            def run_latent(xt: Tensor, tokens: Optional[Tensor] = None) -> Tensor:
+                ft = fidx if tokens is None else fidx[tokens.to(fidx.device)]
+                h = run(m.patch_embed(xt), tokens)
+                return xt + ds * m.token_velocity(h, e, ft, xt, sg)
+
+            x_new = self.hook(call, x_tok, run_latent, probe)
+            out[:, :, fs] = m.unpatchify((x_new - x_tok) / ds, cfg.chunk_frames)
+        else:
+            out[:, :, fs] = m.output(self.hook(call, m.embed(xg), run, probe), e, fidx, xg, sg)
+
+    def _chunked_grouped(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo,
+                         todo: list[int], out: Tensor) -> None:
+        """Every chunk in ``todo`` through ONE block-stack forward (see ``_grouped``).
+
+        Context chunks (refreshes) join with all their tokens and their output is dropped;
+        active chunks go through the hook's ``run_chunks`` (or run whole without a hook). In
+        ``latent_delta`` space the hook sees latent tokens and the runner wraps embedding, head
+        and Euler update around the shared forward, as the one-by-one path does.
+        """
+        m, cfg = self.model, self.cfg
+        cf = cfg.chunk_frames
+        fidx = m.frame_index(cf).to(x.device)
+        views = {g: self._chunk_view(x, sigma, g) for g in todo}
+        temb = {g: self._chunk_time_embedding(views[g][1]) for g in todo}
+        active = [g for g in todo if info.states[g] is ChunkState.ACTIVE]
+        refresh = [(g, m.embed(views[g][0]), None) for g in todo
+                   if info.states[g] is not ChunkState.ACTIVE]
+        latent = self.hook is not None and self._space == "latent_delta"
+
+        def run_parts(parts: list[tuple[int, Tensor, Optional[Tensor]]]) -> list[Tensor]:
+            # parts: (chunk g, input, tokens) of active chunks; input = latent tokens in
+            # latent_delta space, block inputs otherwise
+            spec = [(g, m.patch_embed(h) if latent else h, t) for g, h, t in parts]
+            hs = self._run_group(info, sorted(spec + refresh, key=lambda p: p[0]), temb, cond)
+            outs = [hs[g] for g, _h, _t in parts]
+            if not latent:
+                return outs
+            res = []
+            for (g, xt, t), h in zip(parts, outs):
+                ft = fidx if t is None else fidx[t.to(fidx.device)]
+                sg = views[g][1]
+                res.append(xt + self._step_size(info, g) * m.token_velocity(
+                    h, temb[g][0], ft, xt, sg))
+            return res
+
+        if self.hook is None:
+            hs = self._run_group(info, sorted([(g, m.embed(views[g][0]), None) for g in active]
+                                              + refresh, key=lambda p: p[0]), temb, cond)
+            for g in active:
+                xg, sg = views[g]
+                out[:, :, g * cf:(g + 1) * cf] = m.output(hs[g], temb[g][0], fidx, xg, sg)
+            return
+        if not active:
+            self._run_group(info, refresh, temb, cond)
+            return
+        calls, probes, ins = [], [], []
+        for g in active:
+            xg, sg = views[g]
+            call, probe = self._call_and_probe(info, g, xg, sg, temb[g][1])
+            calls.append(call)
+            probes.append(probe)
+            ins.append(m.patchify(xg) if latent else m.embed(xg))
+
+        def group(parts):
+            return run_parts([(active[i], h, t) for i, h, t in parts])
+
+        results = self.hook.run_chunks(calls, ins, group, probes)
+        for g, x_in, r in zip(active, ins, results):
+            xg, sg = views[g]
+            fs = slice(g * cf, (g + 1) * cf)
+            if latent:
+                out[:, :, fs] = m.unpatchify((r - x_in) / self._step_size(info, g), cf)
+            else:
+                out[:, :, fs] = m.output(r, temb[g][0], fidx, xg, sg)
+
+    def _run_group(self, info: IterationInfo, parts: list[tuple[int, Tensor, Optional[Tensor]]],
+                   temb: dict, cond: Tensor) -> dict[int, Tensor]:
+        """The block stack on the tokens of several chunks at once; returns ``{g: h_out}``.
+
+        ``parts`` ``(g, h, tokens)`` sorted by chunk: all tokens (``tokens`` None) or a subset.
+        Every token uses its frame's modulation and its true RoPE position, writes its keys
+        and values into chunk ``g``'s slot, and attends to every slot ``<= g`` (block-causal):
+        exactly what running the chunks one by one in chunk order does.
+        """
+        m, cfg = self.model, self.cfg
+        cf, n_chunk = cfg.chunk_frames, cfg.chunk_frames * cfg.tokens_per_frame
+        dev = parts[0][1].device
+        kv = self._kv[info.branch]
+        slot_state = self._slot_state[info.branch]
+        cos_all, sin_all = (t.to(dev) for t in m.rope(self._frames))
+        local = torch.arange(n_chunk, device=dev)
+        fidx_chunk = m.frame_index(cf).to(dev)
+        hs, pos, fidx, e0s, sizes = [], [], [], [], []
+        for j, (g, h, tokens) in enumerate(parts):
+            if tokens is None:
+                if h.shape[1] != n_chunk:
+                    raise ConfigError(invalid_value(f"h of chunk {g}", f"[B, N={n_chunk}, D]",
+                                                    list(h.shape)))
+                tok = local
+            else:
+                _check_subset(h, tokens, n_chunk)
+                tok = tokens.to(dev)
+            hs.append(h)
+            pos.append(g * n_chunk + tok)
+            fidx.append(j * cf + fidx_chunk[tok])   # rows of the stacked e0 below
+            e0s.append(temb[g][1])
+            sizes.append(h.shape[1])
+        h = torch.cat(hs, dim=1) if len(hs) > 1 else hs[0]
+        pos_all = torch.cat(pos)
+        f_all = torch.cat(fidx)
+        e0 = torch.cat(e0s, dim=1) if len(e0s) > 1 else e0s[0]
+        cos, sin = cos_all[pos_all], sin_all[pos_all]
+        end = (parts[-1][0] + 1) * n_chunk
+        # query of chunk g sees keys of slots 0..g; one part alone sees all of 0..end
+        mask = None
+        if len(parts) > 1:
+            q_end = torch.cat([torch.full((k,), (g + 1) * n_chunk, device=dev)
+                               for (g, _h, _t), k in zip(parts, sizes)])
+            mask = torch.arange(end, device=dev)[None, :] < q_end[:, None]
+        for block, (kbuf, vbuf) in zip(m.blocks, kv):
+            def kv_fn(k: Tensor, v: Tensor, kbuf=kbuf, vbuf=vbuf):
+                kbuf.index_copy_(2, pos_all, k)
+                vbuf.index_copy_(2, pos_all, v)
+                return kbuf[:, :, :end], vbuf[:, :, :end]
+            h = block(h, e0, f_all, cos, sin, cond, kv_fn=kv_fn, mask=mask)
+        for g, _h, _t in parts:
+            slot_state[g] = info.states[g]
+        return dict(zip((g for g, _h, _t in parts), h.split(sizes, dim=1)))
 
     def _chunk_time_embedding(self, sg: Tensor) -> tuple[Tensor, Tensor]:
         """``model.time_embedding(sg)``, memoised per window when every frame of the chunk (and
@@ -306,32 +477,22 @@ class RefDiTSession:
             hit = self._temb[key] = self.model.time_embedding(sg)
         return hit
 
-    def _latent_delta(self, call: ChunkCall, probe: Probe, run: "_ChunkRunner", xg: Tensor,
-                      sg: Tensor, e: Tensor, fidx: Tensor, info: IterationInfo,
-                      g: int) -> Tensor:
-        """One chunk with the engine wrapped around the latent update (``latent_delta``).
 
-        The engine sees the chunk's latent tokens and a runner that returns them after this
-        step's Euler update, so what it caches and reuses is the update ``x_new - x_old``. The
-        sampler does the Euler step itself, so the result goes back as the velocity that
-        reproduces that update: ``v = (x_new - x_old) / step_size``.
-        """
-        m = self.model
-        ds = None if info.step_sizes is None else info.step_sizes[g]
-        if ds is None:
-            raise ConfigError(invalid_value(
-                "IterationInfo.step_sizes", "the per-chunk Euler step sizes (latent_delta "
-                "reuse turns latent updates into velocities with them)", None,
-                "Use cachekit.sampling.generate, or pass step_sizes in IterationInfo."))
-        x_tok = m.patchify(xg)
-
-        def run_latent(xt: Tensor, tokens: Optional[Tensor] = None) -> Tensor:
-            ft = fidx if tokens is None else fidx[tokens.to(fidx.device)]
-            h = run(m.patch_embed(xt), tokens)
-            return xt + ds * m.token_velocity(h, e, ft, xt, sg)
-
-        x_new = self.hook(call, x_tok, run_latent, probe)
-        return m.unpatchify((x_new - x_tok) / ds, xg.shape[2])
+def _check_subset(h: Tensor, tokens: Tensor, n: int) -> None:
+    """A selective forward's token index: 1-D int64, sorted, unique, in ``[0, n)``, one per
+    row of ``h`` ``[B, K, D]``."""
+    if not (isinstance(tokens, Tensor) and tokens.dim() == 1 and tokens.dtype == torch.long
+            and 0 < tokens.numel() <= n):
+        raise ConfigError(invalid_value("tokens", f"a 1-D int64 index of 1..{n} tokens",
+                                        tokens if not isinstance(tokens, Tensor)
+                                        else f"{tokens.dtype} {list(tokens.shape)}"))
+    if int(tokens.min()) < 0 or int(tokens.max()) >= n or \
+            (tokens.numel() > 1 and not bool((tokens[1:] > tokens[:-1]).all())):
+        raise ConfigError(invalid_value("tokens", f"sorted unique indices in [0, {n})",
+                                        "an unsorted, duplicate or out-of-range index"))
+    if h.shape[1] != tokens.numel():
+        raise ConfigError(invalid_value("h", f"[B, K={tokens.numel()}, D] for K tokens",
+                                        list(h.shape)))
 
 
 class _ChunkRunner:
@@ -353,21 +514,6 @@ class _ChunkRunner:
         self.num_tokens = fidx.numel()
         self.start = g * self.num_tokens
 
-    def _check_tokens(self, h: Tensor, tokens: Tensor) -> None:
-        n = self.num_tokens
-        if not (isinstance(tokens, Tensor) and tokens.dim() == 1 and tokens.dtype == torch.long
-                and 0 < tokens.numel() <= n):
-            raise ConfigError(invalid_value("tokens", f"a 1-D int64 index of 1..{n} tokens",
-                                            tokens if not isinstance(tokens, Tensor)
-                                            else f"{tokens.dtype} {list(tokens.shape)}"))
-        if int(tokens.min()) < 0 or int(tokens.max()) >= n or \
-                (tokens.numel() > 1 and not bool((tokens[1:] > tokens[:-1]).all())):
-            raise ConfigError(invalid_value("tokens", f"sorted unique indices in [0, {n})",
-                                            "an unsorted, duplicate or out-of-range index"))
-        if h.shape[1] != tokens.numel():
-            raise ConfigError(invalid_value("h", f"[B, K={tokens.numel()}, D] for K tokens",
-                                            list(h.shape)))
-
     @torch.no_grad()
     def __call__(self, h: Tensor, tokens: Optional[Tensor] = None) -> Tensor:
         end = self.start + self.num_tokens
@@ -380,7 +526,7 @@ class _ChunkRunner:
             def write(buf: Tensor, new: Tensor) -> None:
                 buf[:, :, self.start:end] = new
         else:
-            self._check_tokens(h, tokens)
+            _check_subset(h, tokens, self.num_tokens)
             tokens = tokens.to(h.device)
             fidx, cos, sin = self.fidx[tokens], self.cos[tokens], self.sin[tokens]
             pos = tokens + self.start
