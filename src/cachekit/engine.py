@@ -14,6 +14,11 @@ The engine then
 4. stores the residual ``R = h_out - h_in`` (all tokens, or the subset), lets the policy
    observe the outcome, records statistics and notifies ``on_step_end`` plugins.
 
+An adapter that runs several chunks of one iteration as a single forward calls
+:meth:`CacheEngine.run_chunks` instead: steps 1-2 for every chunk, one block-stack run for
+all of them, then steps 3-4 for every chunk, in chunk order (same results as one call per
+chunk; a policy that needs strict per-chunk order sets ``batch_chunks = False``).
+
 Guards against the silent failures caching libraries keep hitting (each has a test):
 
 * the block input is **snapshotted** before the blocks run, so a block that works in place
