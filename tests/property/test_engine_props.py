@@ -288,3 +288,59 @@ def test_nonfinite_blocks_are_never_reused_and_counted_once(windows, data):
     for r in overridden:
         expected[r] = expected.get(r, 0) + 1
     assert s.recomputes == expected  # each forced recompute counted once, with its reason
+
+
+@st.composite
+def grouped_iterations(draw):
+    """Iterations of one window: each a random non-empty set of chunks (ascending) of one
+    branch, with a drawn decision and input per chunk."""
+    n_chunks = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 4))
+    hidden = draw(st.integers(1, 3))
+    num_steps = draw(st.integers(1, 5))
+    step = [0] * n_chunks
+    its = []
+    for _ in range(draw(st.integers(1, 6))):
+        chunks = [c for c in range(n_chunks) if step[c] < num_steps and draw(st.booleans())]
+        if not chunks:
+            continue
+        items = []
+        for c in chunks:
+            call = ChunkCall(branch="cond", chunk=c, step=step[c], num_steps=num_steps,
+                             frames=1, tokens_per_frame=n)
+            step[c] += 1
+            items.append((call, draw(cks.decisions(n)),
+                          draw(cks.residuals((1, n, hidden), exact=True, bound=8.0))))
+        its.append(items)
+    return its
+
+
+@SETTINGS
+@given(its=grouped_iterations())
+def test_run_chunks_equals_one_call_per_chunk(its):
+    script = {(0, c.branch, c.chunk, c.step): d for items in its for c, d, _ in items}
+    seq = CacheEngine(Playback(script), registry=registry())
+    grp = CacheEngine(Playback(script), registry=registry())
+    one_by_one: list = []
+    grouped: list = []
+
+    def group(parts):
+        grouped.append([None if t is None else t.tolist() for _i, _h, t in parts])
+        return [f(h) for _i, h, _t in parts]
+
+    for eng in (seq, grp):
+        eng.begin_run()
+        eng.begin_window(0)
+    for items in its:
+        a = [seq(c, h.clone(), Runner(one_by_one), PROBE) for c, _d, h in items]
+        b = grp.run_chunks([c for c, _d, _h in items], [h.clone() for _c, _d, h in items],
+                           group, [PROBE] * len(items))
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    s1, s2 = seq.end_run(), grp.end_run()
+    fields = [(r.chunk, r.step, r.kind, r.computed, r.reason) for r in s1.records]
+    assert fields == [(r.chunk, r.step, r.kind, r.computed, r.reason) for r in s2.records]
+    # the group runner saw exactly the block runs of the one-by-one engine, one call per
+    # iteration that computed anything
+    assert [t for g in grouped for t in g] == one_by_one
+    assert all(g for g in grouped)
