@@ -195,3 +195,29 @@ def test_run_chunks_outside_a_window_is_refused():
     with pytest.raises(CacheContextError, match="outside a window"):
         eng.run_chunks(_calls(0), [torch.zeros(1, 4, 2)] * 3, lambda p: [h for _, h, _ in p],
                        [Probe()] * 3)
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_latent_delta_without_step_sizes_fails_before_any_decision(batching):
+    from cachekit.types import ChunkState, IterationInfo
+
+    model = tiny_model(4)
+    adapter = RefDiTAdapter(model, chunk_batching=batching)
+    policy = ScriptedPolicy(lambda call, state, memory: Decision.compute("x"),
+                            reuse_space="latent_delta")
+    engine = CacheEngine(policy)
+    sess = adapter.session(batch=BATCH, mode="chunked", hook=engine)
+    cfg = model.cfg
+    n_chunks = cfg.max_frames // cfg.chunk_frames
+    engine.begin_run()
+    engine.begin_window(0)
+    sess.begin_window(0, cfg.max_frames)
+    info = IterationInfo(window=0, iteration=0, num_iterations=1, branch="cond", num_steps=4,
+                         chunk_frames=cfg.chunk_frames,
+                         states=(ChunkState.ACTIVE,) * 2 + (ChunkState.PENDING,) * (n_chunks - 2),
+                         steps=(1, 0) + (0,) * (n_chunks - 2), step_sizes=None)
+    with pytest.raises(ConfigError, match="step_sizes"):
+        sess.velocity(torch.zeros(BATCH, 3, cfg.max_frames, cfg.height, cfg.width),
+                      torch.ones(BATCH, cfg.max_frames),
+                      adapter.encode_condition([Condition()] * BATCH), info)
+    assert policy.decided == []

@@ -391,6 +391,9 @@ class RefDiTSession:
         if not active:
             self._run_group(info, refresh, temb, cond)
             return
+        if latent:  # refuse missing step sizes before any policy decides
+            for g in active:
+                self._step_size(info, g)
         calls, probes, ins = [], [], []
         for g in active:
             xg, sg = views[g]
