@@ -440,6 +440,25 @@ def test_df_sigmas_and_train_step(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "l.png").stat().st_size > 0
 
 
+def test_train_step_weight_cap():
+    from cachekit_models.refdit import train
+
+    torch.manual_seed(0)
+    model = RefDiT(TINY)
+    torch.nn.init.normal_(model.head.weight, std=0.2)
+    x0, ids = train.video_batch(TINY, 0, 0, 4, TINY.max_frames)
+
+    def loss(cap):
+        with torch.no_grad():
+            return float(train.train_step(model, x0, ids, torch.Generator().manual_seed(1), cap))
+
+    plain = loss(None)
+    # the factor min(1, C sigma^2) is <= 1 and reaches 1 for a huge cap
+    assert loss(4.0) < plain
+    assert loss(1e9) == pytest.approx(plain, rel=1e-6)
+    assert loss(0.0) == 0.0
+
+
 def test_shipped_calibration_files_match_the_weights():
     """Each shipped calibration names this model and scope and is readable by the policies."""
     from cachekit.calibration import load_calibration

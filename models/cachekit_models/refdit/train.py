@@ -312,8 +312,17 @@ def lr_at(progress: float, step: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train_step(model: RefDiT, x0: Tensor, ids: Tensor, gen: torch.Generator) -> Tensor:
-    """One diffusion-forcing flow-matching loss on a batch."""
+def train_step(model: RefDiT, x0: Tensor, ids: Tensor, gen: torch.Generator,
+               weight_cap: Optional[float] = None) -> Tensor:
+    """One diffusion-forcing flow-matching loss on a batch.
+
+    The loss is the velocity MSE. For an x0-predicting model that is the x0 error weighted
+    by ``1 / sigma^2``, which puts almost all the weight on nearly clean frames: where a
+    sprite sits at high noise (the part that must come from the earlier chunks) hardly
+    counts. ``weight_cap`` C caps that weight: each frame's velocity error is multiplied by
+    ``min(1, C sigma^2)``, i.e. the x0 error weight becomes ``min(1 / sigma^2, C)``. None
+    keeps the plain velocity loss.
+    """
     cfg = model.cfg
     b, _, frames = x0.shape[:3]
     chunks = frames // cfg.chunk_frames
@@ -328,6 +337,8 @@ def train_step(model: RefDiT, x0: Tensor, ids: Tensor, gen: torch.Generator) -> 
     ctx = torch.where(drop[:, None, None], model.null_condition(b), ctx)
     v = model(xt, sigma, ctx)
     err = (v - (eps - x0)).pow(2).mean(dim=(1, 3, 4))                 # [B, F]
+    if weight_cap is not None:
+        err = err * (weight_cap * sigma.pow(2)).clamp(max=1.0)
     return (err * frame_mask).sum() / frame_mask.sum().clamp(min=1)
 
 
@@ -349,6 +360,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--ckpt-minutes", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weight-cap", type=float, default=None,
+                   help="cap the x0-error weight 1/sigma^2 of the velocity loss at C (see "
+                        "train_step); default: the plain velocity loss")
     p.add_argument("--config", type=str, default="",
                    help="config overrides as JSON, e.g. '{\"hidden\": 128}'")
     p.add_argument("--export-dir", type=Path, default=PACKAGE_DIR,
@@ -377,6 +391,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.extend_steps is not None:
             args.steps = max(args.steps, args.extend_steps)
         args.lr, args.warmup = ck.get("lr", args.lr), ck.get("warmup", args.warmup)
+        args.weight_cap = ck.get("weight_cap", args.weight_cap)
     torch.manual_seed(args.seed)
     model = RefDiT(cfg)
     ema = RefDiT(cfg)
@@ -409,7 +424,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "opt": opt.state_dict(), "step": step, "wall": wall,
                     "torch_rng": torch.get_rng_state(), "config": cfg.to_dict(),
                     "seed": args.seed, "batch": args.batch, "total_steps": args.steps,
-                    "lr": args.lr, "warmup": args.warmup}, tmp)
+                    "lr": args.lr, "warmup": args.warmup, "weight_cap": args.weight_cap}, tmp)
         os.replace(tmp, ckpt_path)
 
     # SIGTERM/SIGINT: finish the current step, checkpoint, exit without exporting (resume later).
@@ -442,7 +457,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         data_step = 0 if args.overfit else step
         x0, ids = video_batch(cfg, args.seed, data_step, args.batch, frames)
         gen = torch.Generator().manual_seed(args.seed * SEED_STRIDE + data_step)
-        loss = train_step(model, x0, ids, gen)
+        loss = train_step(model, x0, ids, gen, args.weight_cap)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -483,6 +498,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
     meta = {"steps": step, "wall_s": round(wall, 1), "final_loss": rows[-1][1] if rows else None,
             "seed": args.seed, "batch": args.batch, "lr": args.lr, "frames": frames,
+            "weight_cap": args.weight_cap,
             "torch": torch.__version__}
     ema.eval()
     export(ema, args.export_dir, meta, rows, frames)
