@@ -20,7 +20,7 @@ Conventions (documented differences from the reference pipelines):
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import attrs
 import torch
@@ -31,7 +31,8 @@ from .errors import ConfigError, invalid_value
 from .stats import CacheStats
 from .types import ChunkState, IterationInfo, tensor_repr
 
-__all__ = ["SamplerConfig", "GenerationResult", "generate", "window_rows", "plan_generation"]
+__all__ = ["SamplerConfig", "GenerationResult", "generate", "window_rows", "plan_generation",
+           "chunk_levels"]
 
 
 @attrs.frozen(kw_only=True)
@@ -102,6 +103,24 @@ def window_rows(cfg: SamplerConfig, num_frames: int, chunk_frames: int,
         s = sched.diffusion_forcing_schedule(num_frames, cfg.num_steps, num_frames, cfg.ar_step,
                                              chunk_frames, prefix_frames)
     return [(tuple(st for st, _ in row), tuple(k for _, k in row)) for row in s.chunk_rows()]
+
+
+def chunk_levels(states: Sequence[ChunkState], steps: Sequence[int], sigmas: torch.Tensor,
+                 chunk_frames: int, prefix_sigma: float = 0.0
+                 ) -> tuple[torch.Tensor, tuple[float, ...]]:
+    """One iteration's per-frame noise levels ``[F]`` and per-chunk Euler step sizes.
+
+    ACTIVE chunks sit at ``sigmas[step]`` and move by ``sigmas[step + 1] - sigmas[step]``;
+    PENDING chunks are pure noise (1), FINISHED ones clean (0), PREFIX ones at
+    ``prefix_sigma``; only ACTIVE chunks move.
+    """
+    fixed = {ChunkState.PENDING: 1.0, ChunkState.PREFIX: prefix_sigma}
+    per_chunk = [float(sigmas[s]) if st is ChunkState.ACTIVE else fixed.get(st, 0.0)
+                 for st, s in zip(states, steps)]
+    levels = torch.tensor(per_chunk, dtype=torch.float32).repeat_interleave(chunk_frames)
+    sizes = tuple(float(sigmas[s + 1] - sigmas[s]) if st is ChunkState.ACTIVE else 0.0
+                  for st, s in zip(states, steps))
+    return levels, sizes
 
 
 def plan_generation(cfg: SamplerConfig, spec: Any) -> list[tuple[Any, list]]:
@@ -187,20 +206,9 @@ def generate(adapter: Any, cond: torch.Tensor, *, config: SamplerConfig | None =
             if engine is not None:
                 engine.begin_window(plan.index)
             for it, (states, steps) in enumerate(rows):
-                sigma = torch.empty(batch, f)
-                for g, (st, s) in enumerate(zip(states, steps)):
-                    fr = slice(g * cbs, (g + 1) * cbs)
-                    if st is ChunkState.ACTIVE:
-                        sigma[:, fr] = float(sigmas[s])
-                    elif st is ChunkState.PENDING:
-                        sigma[:, fr] = 1.0
-                    elif st is ChunkState.PREFIX:
-                        sigma[:, fr] = sig_prefix
-                    else:
-                        sigma[:, fr] = 0.0
+                levels, step_sizes = chunk_levels(states, steps, sigmas, cbs, sig_prefix)
+                sigma = levels[None].expand(batch, -1).contiguous()
                 vs = {}
-                step_sizes = tuple(float(sigmas[s + 1] - sigmas[s]) if st is ChunkState.ACTIVE
-                                   else 0.0 for st, s in zip(states, steps))
                 for b in branches:
                     info = IterationInfo(window=plan.index, iteration=it, num_iterations=len(rows),
                                          branch=b, num_steps=cfg.num_steps, chunk_frames=cbs,

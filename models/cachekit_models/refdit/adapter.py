@@ -311,6 +311,14 @@ class RefDiTSession:
                 "Use cachekit.sampling.generate, or pass step_sizes in IterationInfo."))
         return ds
 
+    def _euler(self, x_tok: Tensor, h: Tensor, tokens: Optional[Tensor], e: Tensor,
+               sg: Tensor, ds: float) -> Tensor:
+        """latent_delta: the chunk's latent tokens (all, or the subset ``tokens``) after this
+        step's Euler update, from the blocks' output ``h``."""
+        fidx = self.model.frame_index(self.cfg.chunk_frames).to(x_tok.device)
+        ft = fidx if tokens is None else fidx[tokens.to(fidx.device)]
+        return x_tok + ds * self.model.token_velocity(h, e, ft, x_tok, sg)
+
     def _chunked_one(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo, g: int,
                      out: Tensor) -> None:
         """Chunk ``g`` on its own: one block-stack call (and one hook call if active)."""
@@ -337,9 +345,7 @@ class RefDiTSession:
             x_tok = m.patchify(xg)
 
             def run_latent(xt: Tensor, tokens: Optional[Tensor] = None) -> Tensor:
-                ft = fidx if tokens is None else fidx[tokens.to(fidx.device)]
-                h = run(m.patch_embed(xt), tokens)
-                return xt + ds * m.token_velocity(h, e, ft, xt, sg)
+                return self._euler(xt, run(m.patch_embed(xt), tokens), tokens, e, sg, ds)
 
             x_new = self.hook(call, x_tok, run_latent, probe)
             out[:, :, fs] = m.unpatchify((x_new - x_tok) / ds, cfg.chunk_frames)
@@ -375,10 +381,8 @@ class RefDiTSession:
                 return outs
             res = []
             for (g, xt, t), h in zip(parts, outs):
-                ft = fidx if t is None else fidx[t.to(fidx.device)]
-                sg = views[g][1]
-                res.append(xt + self._step_size(info, g) * m.token_velocity(
-                    h, temb[g][0], ft, xt, sg))
+                res.append(self._euler(xt, h, t, temb[g][0], views[g][1],
+                                       self._step_size(info, g)))
             return res
 
         if self.hook is None:

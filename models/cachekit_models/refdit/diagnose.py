@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cachekit import schedule as sched
-from cachekit.sampling import window_rows
+from cachekit.sampling import chunk_levels, window_rows
 from cachekit.types import ChunkState, IterationInfo
 
 from .adapter import RefDiTAdapter
@@ -99,13 +99,8 @@ def continue_prefix(adapter: RefDiTAdapter, cond, real: torch.Tensor, prefix_fra
     sess = adapter.session(batch=1, mode="chunked")
     sess.begin_window(1, frames)
     for it, (states, steps) in enumerate(rows):
-        sigma = torch.empty(1, frames)
-        for g, (st, s) in enumerate(zip(states, steps)):
-            level = (float(sig[s]) if st is ChunkState.ACTIVE
-                     else 1.0 if st is ChunkState.PENDING else 0.0)
-            sigma[:, g * cf:(g + 1) * cf] = level
-        sizes = tuple(float(sig[s + 1] - sig[s]) if st is ChunkState.ACTIVE else 0.0
-                      for st, s in zip(states, steps))
+        levels, sizes = chunk_levels(states, steps, sig, cf)
+        sigma = levels[None]
         v = {}
         for b, c in conds.items():
             info = IterationInfo(window=1, iteration=it, num_iterations=len(rows), branch=b,
