@@ -166,7 +166,12 @@ class ModelSession(Protocol):
 
 @runtime_checkable
 class ModelAdapter(Protocol):
-    """A model the samplers can drive; it calls the engine's hook around its block stack."""
+    """A model the samplers can drive; it calls the engine's hook around its block stack.
+
+    Optional: a bool attribute ``chunk_batching`` when chunked mode can run an iteration's
+    chunks either as one forward (True, through ``CacheEngine.run_chunks``) or one call per
+    chunk (False); ``python -m cachekit.microbench structure`` times both when it is present.
+    """
 
     name: ClassVar[str]
     spec: ModelSpec
