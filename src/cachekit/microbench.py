@@ -97,32 +97,42 @@ def structure(model: str = DEFAULT_MODEL, repeats: int = 3, sampler: SamplerConf
     """Uncached ``vanilla`` vs ``chunked`` execution of one sampler setting, interleaved.
 
     ``sampler`` defaults to the adapter's ``default_sampler()``; ``overrides`` are
-    :class:`SamplerConfig` fields applied on top. When the adapter has a ``chunk_batching``
-    switch (the bundled model), chunked runs both ways: batched (one forward per iteration and
-    branch, the default) and one call per chunk. ``flop_ratio`` is the analytic block-stack
-    FLOPs of vanilla over chunked for this schedule: what the lossless layer can save at best.
+    :class:`SamplerConfig` fields applied on top. When the adapter has the ``chunk_batching``
+    and ``branch_batching`` switches (the bundled model), chunked runs three ways: with both
+    (one forward per iteration holding every chunk that runs and both guidance branches, the
+    default), one forward per guidance branch (``chunked_per_branch``), and one call per chunk
+    and branch (``chunked_per_chunk``). Vanilla runs with the adapter's defaults (its branches
+    stacked too, so ``speedup_median`` compares the execution structures alone).
+    ``flop_ratio`` is the analytic block-stack FLOPs of vanilla over chunked for this
+    schedule: what the lossless layer can save at best.
     """
     adapter = get_registry().create_adapter(model)
     cond, uncond, _ = adapter.encode_prompt(None, seed=0, batch=1)
     sampler = (sampler or _default_sampler(adapter)).evolve(**overrides)
-    batching = getattr(adapter, "chunk_batching", None)
+    switches = [k for k in ("chunk_batching", "branch_batching")
+                if isinstance(getattr(adapter, k, None), bool)]
+    saved = {k: getattr(adapter, k) for k in switches}
 
-    def run(mode: str, batched: bool | None = None) -> Any:
-        if batched is not None:
-            adapter.chunk_batching = batched
+    def run(mode: str, **flags: bool) -> Any:
+        for k in switches:
+            setattr(adapter, k, flags.get(k, saved[k]))
         return generate(adapter, cond, uncond=uncond, config=sampler.evolve(mode=mode), seed=0)
 
     fns: dict[str, Callable[[], Any]] = {"vanilla": functools.partial(run, "vanilla"),
                                          "chunked": functools.partial(run, "chunked")}
-    if isinstance(batching, bool):
-        fns["chunked"] = functools.partial(run, "chunked", True)
-        fns["chunked_per_chunk"] = functools.partial(run, "chunked", False)
+    variants = {}
+    if "branch_batching" in switches:
+        variants["per_branch"] = {"branch_batching": False}
+    if "chunk_batching" in switches:
+        variants["per_chunk"] = {"chunk_batching": False, "branch_batching": False}
+    for name, flags in variants.items():
+        fns[f"chunked_{name}"] = functools.partial(run, "chunked", **flags)
     try:
         with torch.inference_mode():
             out = interleaved(fns, repeats)
     finally:
-        if isinstance(batching, bool):
-            adapter.chunk_batching = batching
+        for k, v in saved.items():
+            setattr(adapter, k, v)
     t = out["times"]
     res = out["results"]
     cost, _src = block_cost(adapter)
@@ -136,12 +146,13 @@ def structure(model: str = DEFAULT_MODEL, repeats: int = 3, sampler: SamplerConf
         "speedup_median": statistics.median(v / c for v, c in zip(t["vanilla"], t["chunked"])),
         "max_abs_diff": float((res["vanilla"].video - res["chunked"].video).abs().max()),
     }
-    if "chunked_per_chunk" in t:
-        r["chunked_per_chunk_s"] = statistics.median(t["chunked_per_chunk"])
-        r["speedup_per_chunk_median"] = statistics.median(
-            v / c for v, c in zip(t["vanilla"], t["chunked_per_chunk"]))
-        r["batched_vs_per_chunk_max_abs_diff"] = float(
-            (res["chunked"].video - res["chunked_per_chunk"].video).abs().max())
+    for name in variants:
+        key = f"chunked_{name}"
+        r[f"{key}_s"] = statistics.median(t[key])
+        r[f"speedup_{name}_median"] = statistics.median(
+            v / c for v, c in zip(t["vanilla"], t[key]))
+        r[f"batched_vs_{name}_max_abs_diff"] = float(
+            (res["chunked"].video - res[key].video).abs().max())
     return r
 
 

@@ -163,6 +163,12 @@ class ModelSession(Protocol):
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
                  info: IterationInfo) -> torch.Tensor: ...
 
+    # Optional: ``velocities(x, sigma, conds, infos) -> {branch: velocity}`` for all guidance
+    # branches of one iteration (``conds``/``infos`` keyed by branch, in run order), equal to
+    # one ``velocity`` call per branch in that order; the samplers call it when present, so
+    # an adapter can stack the branches into one forward (the bundled model's
+    # ``branch_batching``). Not part of the runtime check: a session without it is valid.
+
 
 @runtime_checkable
 class ModelAdapter(Protocol):
@@ -170,7 +176,9 @@ class ModelAdapter(Protocol):
 
     Optional: a bool attribute ``chunk_batching`` when chunked mode can run an iteration's
     chunks either as one forward (True, through ``CacheEngine.run_chunks``) or one call per
-    chunk (False); ``python -m cachekit.microbench structure`` times both when it is present.
+    chunk (False), and ``branch_batching`` when its sessions' ``velocities`` can stack the
+    guidance branches into one forward (True) or run them one after the other (False);
+    ``python -m cachekit.microbench structure`` times the variants when they are present.
     """
 
     name: ClassVar[str]

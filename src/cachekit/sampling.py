@@ -177,9 +177,13 @@ def generate(adapter: Any, cond: torch.Tensor, *, config: SamplerConfig | None =
 
     gen = torch.Generator().manual_seed(int(seed))
     shape = (batch, spec.channels, cfg.num_frames, spec.height, spec.width)
-    noise = torch.randn(shape, generator=gen)
-    video = torch.zeros(shape)
+    # latents, noise levels and video in the condition's (i.e. the model's) float dtype
+    dtype = cond.dtype if cond.is_floating_point() else torch.get_default_dtype()
+    noise = torch.randn(shape, generator=gen, dtype=dtype)
+    video = torch.zeros(shape, dtype=dtype)
     session = adapter.session(batch=batch, mode=cfg.mode, hook=engine)
+    # a session that can run the guidance branches of an iteration together (ModelSession)
+    joint = getattr(session, "velocities", None) if len(branches) > 1 else None
 
     bar = None
     if progress is True:
@@ -199,7 +203,7 @@ def generate(adapter: Any, cond: torch.Tensor, *, config: SamplerConfig | None =
             if pre:
                 clean = video[:, :, plan.start:plan.start + pre]
                 a = cfg.addnoise_condition / 1000.0
-                eps = torch.randn(clean.shape, generator=gen)
+                eps = torch.randn(clean.shape, generator=gen, dtype=dtype)
                 x[:, :, :pre] = clean * (1 - a) + eps * a
                 sig_prefix = a
             session.begin_window(plan.index, f)
@@ -207,14 +211,17 @@ def generate(adapter: Any, cond: torch.Tensor, *, config: SamplerConfig | None =
                 engine.begin_window(plan.index)
             for it, (states, steps) in enumerate(rows):
                 levels, step_sizes = chunk_levels(states, steps, sigmas, cbs, sig_prefix)
-                sigma = levels[None].expand(batch, -1).contiguous()
-                vs = {}
-                for b in branches:
-                    info = IterationInfo(window=plan.index, iteration=it, num_iterations=len(rows),
-                                         branch=b, num_steps=cfg.num_steps, chunk_frames=cbs,
-                                         states=states, steps=steps, step_sizes=step_sizes)
-                    vs[b] = session.velocity(x, sigma, conds[b], info)
-                    calls += 1
+                sigma = levels[None].expand(batch, -1).to(dtype).contiguous()
+                infos = {b: IterationInfo(window=plan.index, iteration=it,
+                                          num_iterations=len(rows), branch=b,
+                                          num_steps=cfg.num_steps, chunk_frames=cbs,
+                                          states=states, steps=steps, step_sizes=step_sizes)
+                         for b in branches}
+                if joint is not None:
+                    vs = joint(x, sigma, {b: conds[b] for b in branches}, infos)
+                else:
+                    vs = {b: session.velocity(x, sigma, conds[b], infos[b]) for b in branches}
+                calls += len(branches)
                 v = vs["cond"] if len(branches) == 1 else \
                     vs["uncond"] + cfg.guidance_scale * (vs["cond"] - vs["uncond"])
                 for g, (st, s) in enumerate(zip(states, steps)):

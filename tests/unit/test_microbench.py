@@ -13,20 +13,24 @@ def test_structure_on_the_toy_model_reports_a_lossless_layer():
     assert r["max_abs_diff"] <= 1e-4
     assert r["flop_ratio"] > 1.0          # chunked skips finished and pending chunks
     assert r["vanilla_s"] > 0 and r["chunked_s"] > 0
-    assert "chunked_per_chunk_s" not in r  # the toy adapter has no chunk_batching switch
+    # the toy adapter has no batching switches
+    assert "chunked_per_chunk_s" not in r and "chunked_per_branch_s" not in r
 
 
-def test_structure_on_a_batching_adapter_times_both_chunked_paths(monkeypatch):
+def test_structure_on_a_batching_adapter_times_every_chunked_path(monkeypatch):
     from cachekit_models.refdit.adapter import RefDiTAdapter
 
     from test_refdit import tiny_model
 
-    monkeypatch.setattr(microbench, "get_registry", lambda: _OneAdapter(
-        RefDiTAdapter(tiny_model(2))))
+    adapter = RefDiTAdapter(tiny_model(2))
+    monkeypatch.setattr(microbench, "get_registry", lambda: _OneAdapter(adapter))
     r = microbench.structure("refdit", repeats=1, num_steps=3, ar_step=1, num_frames=8)
     assert r["max_abs_diff"] <= 1e-4
-    assert r["batched_vs_per_chunk_max_abs_diff"] <= 1e-5
-    assert r["chunked_per_chunk_s"] > 0
+    for name in ("per_chunk", "per_branch"):
+        assert r[f"batched_vs_{name}_max_abs_diff"] <= 1e-5
+        assert r[f"chunked_{name}_s"] > 0 and r[f"speedup_{name}_median"] > 0
+    # the switches are restored
+    assert adapter.chunk_batching is True and adapter.branch_batching is True
 
 
 class _OneAdapter:

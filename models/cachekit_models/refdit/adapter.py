@@ -19,7 +19,7 @@ The hook protocol is ``hook(call, h_in, run, probe) -> h_out`` (:data:`cachekit.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -35,6 +35,8 @@ from .model import RefDiT
 __all__ = ["RefDiTAdapter", "RefDiTSession", "MODES", "load_adapter"]
 
 MODES = ("chunked", "vanilla")
+_VANILLA_SUBSET = ("refdit vanilla mode runs the whole window as one sequence; token-level "
+                   "reuse (run(h, tokens)) needs mode='chunked'.")
 # Sampler defaults for the bundled model: 50 steps and ar_step 5 as the MotionCache paper's
 # SkyReels-V2 run (caching results depend on the step count: the warm-up and phase-1 steps are
 # fixed counts); shift 2 and CFG 3 were chosen by eye on sample sheets of seeds 7 and 8 (CFG
@@ -49,16 +51,21 @@ class RefDiTAdapter:
 
     name = "refdit"
 
-    def __init__(self, model: Optional[RefDiT] = None, *, chunk_batching: bool = True):
+    def __init__(self, model: Optional[RefDiT] = None, *, chunk_batching: bool = True,
+                 branch_batching: bool = True):
         if model is None:
             from .loading import load_refdit
             model = load_refdit()
-        if not isinstance(chunk_batching, bool):
-            raise ConfigError(invalid_value("chunk_batching", "True or False", chunk_batching))
+        for name, value in (("chunk_batching", chunk_batching),
+                            ("branch_batching", branch_batching)):
+            if not isinstance(value, bool):
+                raise ConfigError(invalid_value(name, "True or False", value))
         self.model = model.eval()
         self.spec: ModelSpec = model.cfg.spec(self.name)
         #: chunked mode: run an iteration's chunks as one forward (True) or one call per chunk
         self.chunk_batching = chunk_batching
+        #: run the guidance branches of an iteration as one batch (True) or one after the other
+        self.branch_batching = branch_batching
 
     # -- conditions ------------------------------------------------------------------------------
     def parse_condition(self, text: str) -> Condition:
@@ -117,23 +124,25 @@ class RefDiTAdapter:
                 hook: Optional[ChunkHook] = None) -> "RefDiTSession":
         """A generation session (owns the per-branch K/V buffers of the current window)."""
         return RefDiTSession(self.model, batch=batch, mode=mode, hook=hook,
-                             chunk_batching=self.chunk_batching)
+                             chunk_batching=self.chunk_batching,
+                             branch_batching=self.branch_batching)
 
 
 def load_adapter(path=None, *, verify: bool = True, device: str = "cpu",
-                 chunk_batching: bool = True) -> RefDiTAdapter:
+                 chunk_batching: bool = True, branch_batching: bool = True) -> RefDiTAdapter:
     """The plugin factory: an adapter around :func:`~.loading.load_refdit` (``path`` default:
     the bundled weights)."""
     from .loading import load_refdit
     return RefDiTAdapter(load_refdit(path, verify=verify, device=device),
-                         chunk_batching=chunk_batching)
+                         chunk_batching=chunk_batching, branch_batching=branch_batching)
 
 
 class RefDiTSession:
     """Per-generation state of the adapter: K/V buffers per branch, reset by ``begin_window``."""
 
     def __init__(self, model: RefDiT, *, batch: int, mode: str = "chunked",
-                 hook: Optional[ChunkHook] = None, chunk_batching: bool = True):
+                 hook: Optional[ChunkHook] = None, chunk_batching: bool = True,
+                 branch_batching: bool = True):
         if mode not in MODES:
             raise ConfigError(invalid_value("mode", f"one of {', '.join(MODES)}", mode))
         if not (isinstance(batch, int) and batch >= 1):
@@ -151,13 +160,19 @@ class RefDiTSession:
         # as one call per chunk (block-causal attention inside the forward), fewer and larger
         # matrix products: on a CPU the per-call cost of 64-token chunks otherwise exceeds
         # the work chunked execution saves.
-        self._grouped = chunk_batching and (hook is None or (
-            callable(getattr(hook, "run_chunks", None))
-            and bool(getattr(hook, "batch_chunks", False))))
+        hook_groups = hook is None or (callable(getattr(hook, "run_chunks", None))
+                                       and bool(getattr(hook, "batch_chunks", False)))
+        self._grouped = chunk_batching and hook_groups
+        # velocities(): the guidance branches of an iteration stacked along the batch (one
+        # forward for cond and uncond) where their work is the same; see velocities()
+        self._joint = branch_batching and hook_groups and (mode == "vanilla" or chunk_batching)
         self._window: Optional[int] = None
         self._frames = 0
         # branch -> per layer (K, V) buffers [B, heads, frames*tokens_per_frame, head_dim]
         self._kv: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        # velocities(): (branch names, per layer (K, V) [branches*B, ...]); each branch's
+        # buffers in _kv are row blocks of these, so stacked and single-branch runs share them
+        self._kv_joint: Optional[tuple[tuple[str, ...], list[tuple[Tensor, Tensor]]]] = None
         # branch -> per chunk: the ChunkState in which its K/V slot was last written (None: never)
         self._slot_state: dict[str, list[Optional[ChunkState]]] = {}
         # (noise level, shape) -> (e, e0) of a chunk whose frames share one level: a diffusion-
@@ -176,6 +191,7 @@ class RefDiTSession:
         self._window = window
         self._frames = num_frames
         self._kv.clear()
+        self._kv_joint = None
         self._slot_state.clear()
         self._temb.clear()
 
@@ -193,6 +209,49 @@ class RefDiTSession:
         if self.mode == "vanilla":
             return self._vanilla(x, sigma, cond, info)
         return self._chunked(x, sigma, cond, info)
+
+    @torch.no_grad()
+    def velocities(self, x: Tensor, sigma: Tensor, conds: Mapping[str, Tensor],
+                   infos: Mapping[str, IterationInfo]) -> dict[str, Tensor]:
+        """Velocities of several guidance branches of one iteration: ``{branch: velocity}``.
+
+        ``conds`` and ``infos`` map each branch name (in the order the sampler runs them) to
+        its condition tokens and :class:`IterationInfo`; the infos of one iteration share
+        iteration, states, steps and step sizes. The result equals one :meth:`velocity` call
+        per branch in that order (up to float reordering), but the branches' block-stack
+        work runs as ONE forward with the branches stacked along the batch wherever it is the
+        same work: the same chunks and, with a hook, the same decisions (every uncached run;
+        most iterations of the chunk-level policies). Where it differs (one branch reuses a
+        chunk the other computes, or different token subsets), each branch runs its own
+        forward. Policy decisions stay per (branch, chunk): a hook sees one call per branch
+        and chunk through ``run_chunks`` (cond's chunks first). Off with
+        ``RefDiTAdapter(branch_batching=False)``, with ``chunk_batching=False`` in chunked
+        mode, or when the hook cannot group calls (no ``run_chunks`` or ``batch_chunks``
+        false); then the branches run one after the other.
+        """
+        branches = list(conds)
+        if not branches or set(branches) != set(infos):
+            raise ConfigError(invalid_value(
+                "velocities(conds, infos)", "one IterationInfo per branch of conds, same names",
+                (branches, list(infos))))
+        first = infos[branches[0]]
+        for b in branches:
+            info = infos[b]
+            if info.branch != b:
+                raise ConfigError(invalid_value(f"infos[{b!r}].branch", repr(b), info.branch))
+            if (info.iteration, info.states, info.steps, info.step_sizes) != (
+                    first.iteration, first.states, first.steps, first.step_sizes):
+                raise ConfigError(invalid_value(
+                    f"infos[{b!r}]", f"the iteration, states, steps and step sizes of "
+                    f"infos[{branches[0]!r}] (the branches of one iteration)",
+                    (info.iteration, info.steps)))
+            self._check_call(x, sigma, conds[b], info)
+        if not (self._joint and len(branches) > 1):
+            one = self._vanilla if self.mode == "vanilla" else self._chunked
+            return {b: one(x, sigma, conds[b], infos[b]) for b in branches}
+        if self.mode == "vanilla":
+            return self._vanilla_joint(x, sigma, conds, infos)
+        return self._chunked_joint(x, sigma, conds, infos)
 
     def _check_call(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo) -> None:
         if self._window is None:
@@ -219,35 +278,73 @@ class RefDiTSession:
                 "Call begin_window() for each new window."))
 
     # -- vanilla ---------------------------------------------------------------------------------
-    def _vanilla(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo) -> Tensor:
-        m, cfg = self.model, self.cfg
+    def _window_inputs(self, x: Tensor, sigma: Tensor):
+        m = self.model
         frames = x.shape[2]
         e, e0 = m.time_embedding(sigma)
         fidx = m.frame_index(frames).to(x.device)
         cos, sin = (t.to(x.device) for t in m.rope(frames))
         mask = m.block_causal_mask(frames).to(x.device)
+        return e, e0, fidx, cos, sin, mask
+
+    def _window_call(self, x: Tensor, sigma: Tensor, e0: Tensor,
+                     info: IterationInfo) -> tuple[ChunkCall, Probe]:
+        cfg = self.cfg
+        frames = x.shape[2]
+        ht, wt = cfg.grid
+        call = ChunkCall(branch=info.branch, chunk=0, step=info.iteration,
+                         num_steps=info.num_iterations, window=info.window,
+                         iteration=info.iteration, frames=frames,
+                         tokens_per_frame=cfg.tokens_per_frame,
+                         timestep=float(sigma.mean()) * 1000.0, scope=Scope.WINDOW)
+        probe = Probe(modulation=e0, latent=x, grid=(frames, ht, wt),
+                      patch=(cfg.patch, cfg.patch))
+        return call, probe
+
+    def _vanilla(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo) -> Tensor:
+        m = self.model
+        e, e0, fidx, cos, sin, mask = self._window_inputs(x, sigma)
 
         def run(h: Tensor, tokens: Optional[Tensor] = None) -> Tensor:
             if tokens is not None:
-                raise NotImplementedError(
-                    "refdit vanilla mode runs the whole window as one sequence; token-level "
-                    "reuse (run(h, tokens)) needs mode='chunked'.")
+                raise NotImplementedError(_VANILLA_SUBSET)
             return m.run_blocks(h, e0, fidx, cos, sin, cond, mask)
 
         h_in = m.embed(x)
         if self.hook is None:
             h_out = run(h_in)
         else:
-            ht, wt = cfg.grid
-            call = ChunkCall(branch=info.branch, chunk=0, step=info.iteration,
-                             num_steps=info.num_iterations, window=info.window,
-                             iteration=info.iteration, frames=frames,
-                             tokens_per_frame=cfg.tokens_per_frame,
-                             timestep=float(sigma.mean()) * 1000.0, scope=Scope.WINDOW)
-            probe = Probe(modulation=e0, latent=x, grid=(frames, ht, wt),
-                          patch=(cfg.patch, cfg.patch))
+            call, probe = self._window_call(x, sigma, e0, info)
             h_out = self.hook(call, h_in, run, probe)
         return m.output(h_out, e, fidx, x, sigma)
+
+    def _vanilla_joint(self, x: Tensor, sigma: Tensor, conds: Mapping[str, Tensor],
+                       infos: Mapping[str, IterationInfo]) -> dict[str, Tensor]:
+        """:meth:`velocities` in vanilla mode: the branches that compute, stacked."""
+        m = self.model
+        branches = list(conds)
+        e, e0, fidx, cos, sin, mask = self._window_inputs(x, sigma)
+        h_in = m.embed(x)
+
+        def run_stacked(which: list[int], hs: list[Tensor]) -> list[Tensor]:
+            ctx = _cat_batch([conds[branches[i]] for i in which])
+            out = m.run_blocks(_cat_batch(hs), _repeat_batch(e0, len(hs)), fidx, cos, sin,
+                               ctx, mask)
+            return list(out.split(self.batch)) if len(hs) > 1 else [out]
+
+        if self.hook is None:
+            h_outs = run_stacked(list(range(len(branches))), [h_in] * len(branches))
+        else:
+            calls, probes = zip(*(self._window_call(x, sigma, e0, infos[b]) for b in branches))
+
+            def group(parts: list[tuple[int, Tensor, Optional[Tensor]]]) -> list[Tensor]:
+                if any(t is not None for _i, _h, t in parts):
+                    raise NotImplementedError(_VANILLA_SUBSET)
+                return run_stacked([i for i, _h, _t in parts], [h for _i, h, _t in parts])
+
+            h_outs = self.hook.run_chunks(list(calls), [h_in] * len(branches), group,
+                                          list(probes))
+        return {b: m.output(h, e, fidx, x, sigma) for b, h in zip(branches, h_outs)}
 
     # -- chunked ---------------------------------------------------------------------------------
     def _buffers(self, branch: str, like: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -259,11 +356,29 @@ class RefDiTSession:
             self._slot_state[branch] = [None] * (self._frames // cfg.chunk_frames)
         return self._kv[branch]
 
-    def _chunked(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo) -> Tensor:
-        out = torch.zeros_like(x)
+    def _joint_buffers(self, branches: Sequence[str], like: Tensor) -> None:
+        """Allocate the K/V buffers of ``branches`` as one stacked set (rows branch-major),
+        unless some branch already has its own this window (then they stay separate and
+        :meth:`_run_branches` runs branch by branch)."""
+        key = tuple(branches)
+        if self._kv_joint is not None or any(b in self._kv for b in key):
+            return
+        cfg = self.cfg
+        b = self.batch
+        shape = (b * len(key), cfg.heads, self._frames * cfg.tokens_per_frame, cfg.head_dim)
+        layers = [(like.new_zeros(shape), like.new_zeros(shape)) for _ in range(cfg.num_blocks)]
+        self._kv_joint = (key, layers)
+        for i, branch in enumerate(key):
+            self._kv[branch] = [(k[i * b:(i + 1) * b], v[i * b:(i + 1) * b]) for k, v in layers]
+            self._slot_state[branch] = [None] * (self._frames // cfg.chunk_frames)
+
+    def _active_and_todo(self, info: IterationInfo) -> tuple[list[int], list[int]]:
+        """The active chunks, and the chunks whose blocks run now: the active ones and the
+        context chunks whose K/V slot does not hold their current (unchanging) state yet.
+        Needs the branch's buffers (for its slot states)."""
         active = info.active_chunks()
         if not active:
-            return out
+            return active, []
         last = active[-1]
         pending = [g for g in range(last) if info.states[g] is ChunkState.PENDING]
         if pending:
@@ -271,12 +386,17 @@ class RefDiTSession:
                 "IterationInfo.states", "no PENDING chunk before an ACTIVE one (chunked "
                 "execution never runs pending chunks, so later chunks could not see them)",
                 [s.value for s in info.states], "Use mode='vanilla' for such schedules."))
-        self._buffers(info.branch, x)
         slot_state = self._slot_state[info.branch]
-        # chunks whose blocks run now: the active ones, and context chunks whose K/V slot does
-        # not hold their current (unchanging) state yet
         todo = [g for g in range(last + 1)
                 if not (info.states[g] in _CONTEXT_STATES and slot_state[g] is info.states[g])]
+        return active, todo
+
+    def _chunked(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo) -> Tensor:
+        out = torch.zeros_like(x)
+        if not info.active_chunks():
+            return out
+        self._buffers(info.branch, x)
+        _active, todo = self._active_and_todo(info)
         if self._grouped:
             self._chunked_grouped(x, sigma, cond, info, todo, out)
         else:
@@ -375,7 +495,8 @@ class RefDiTSession:
             # parts: (chunk g, input, tokens) of active chunks; input = latent tokens in
             # latent_delta space, block inputs otherwise
             spec = [(g, m.patch_embed(h) if latent else h, t) for g, h, t in parts]
-            hs = self._run_group(info, sorted(spec + refresh, key=lambda p: p[0]), temb, cond)
+            hs = self._run_group(info, sorted(spec + refresh, key=lambda p: p[0]), temb, cond,
+                                 self._kv[info.branch], [self._slot_state[info.branch]])
             outs = [hs[g] for g, _h, _t in parts]
             if not latent:
                 return outs
@@ -385,15 +506,17 @@ class RefDiTSession:
                                        self._step_size(info, g)))
             return res
 
+        kv, slots = self._kv[info.branch], [self._slot_state[info.branch]]
         if self.hook is None:
             hs = self._run_group(info, sorted([(g, m.embed(views[g][0]), None) for g in active]
-                                              + refresh, key=lambda p: p[0]), temb, cond)
+                                              + refresh, key=lambda p: p[0]), temb, cond,
+                                 kv, slots)
             for g in active:
                 xg, sg = views[g]
                 out[:, :, g * cf:(g + 1) * cf] = m.output(hs[g], temb[g][0], fidx, xg, sg)
             return
         if not active:
-            self._run_group(info, refresh, temb, cond)
+            self._run_group(info, refresh, temb, cond, kv, slots)
             return
         if latent:  # refuse missing step sizes before any policy decides
             for g in active:
@@ -418,20 +541,130 @@ class RefDiTSession:
             else:
                 out[:, :, fs] = m.output(r, temb[g][0], fidx, xg, sg)
 
+    def _chunked_joint(self, x: Tensor, sigma: Tensor, conds: Mapping[str, Tensor],
+                       infos: Mapping[str, IterationInfo]) -> dict[str, Tensor]:
+        """:meth:`velocities` in chunked mode: every branch's chunks of the iteration through
+        one :meth:`_run_branches` (one stacked forward where the branches' work agrees).
+
+        The same steps as :meth:`_chunked_grouped` per branch: context refreshes join with all
+        their tokens, active chunks go through the hook's ``run_chunks`` (one call per branch
+        and chunk, branch-major) or run whole without a hook.
+        """
+        m, cfg = self.model, self.cfg
+        cf = cfg.chunk_frames
+        branches = list(conds)
+        info = infos[branches[0]]
+        outs = {b: torch.zeros_like(x) for b in branches}
+        if not info.active_chunks():
+            return outs
+        self._joint_buffers(branches, x)
+        for b in branches:
+            self._buffers(b, x)
+        todo = {}
+        for b in branches:
+            active, todo[b] = self._active_and_todo(infos[b])
+        chunks = sorted(set().union(*todo.values()))
+        fidx = m.frame_index(cf).to(x.device)
+        views = {g: self._chunk_view(x, sigma, g) for g in chunks}
+        temb = {g: self._chunk_time_embedding(views[g][1]) for g in chunks}
+        latent = self.hook is not None and self._space == "latent_delta"
+        # block inputs, once per chunk (the same for every branch; nothing writes to them)
+        embedded = {g: m.embed(views[g][0]) for g in chunks
+                    if not (latent and info.states[g] is ChunkState.ACTIVE)}
+        refresh = {b: [(g, embedded[g], None) for g in todo[b]
+                       if info.states[g] is not ChunkState.ACTIVE] for b in branches}
+
+        def by_chunk(items):
+            return sorted(items, key=lambda p: p[0])
+
+        if self.hook is None:
+            hs = self._run_branches(info, {b: by_chunk([(g, embedded[g], None) for g in active]
+                                                       + refresh[b]) for b in branches},
+                                    temb, conds)
+            for b in branches:
+                for g in active:
+                    xg, sg = views[g]
+                    outs[b][:, :, g * cf:(g + 1) * cf] = m.output(hs[b][g], temb[g][0], fidx,
+                                                                  xg, sg)
+            return outs
+        if latent:  # refuse missing step sizes before any policy decides
+            for g in active:
+                self._step_size(info, g)
+        calls, probes, ins, where = [], [], [], []
+        for b in branches:
+            for g in active:
+                xg, sg = views[g]
+                call, probe = self._call_and_probe(infos[b], g, xg, sg, temb[g][1])
+                calls.append(call)
+                probes.append(probe)
+                ins.append(m.patchify(xg) if latent else embedded[g])
+                where.append((b, g))
+
+        def group(parts: list[tuple[int, Tensor, Optional[Tensor]]]) -> list[Tensor]:
+            per: dict[str, list] = {b: [] for b in branches}
+            for i, h, t in parts:
+                b, g = where[i]
+                per[b].append((g, m.patch_embed(h) if latent else h, t))
+            hs = self._run_branches(info, {b: by_chunk(per[b] + refresh[b]) for b in branches},
+                                    temb, conds)
+            res = []
+            for i, h, t in parts:
+                b, g = where[i]
+                o = hs[b][g]
+                res.append(self._euler(h, o, t, temb[g][0], views[g][1],
+                                       self._step_size(info, g)) if latent else o)
+            return res
+
+        results = self.hook.run_chunks(calls, ins, group, probes)
+        for (b, g), x_in, r in zip(where, ins, results):
+            xg, sg = views[g]
+            fs = slice(g * cf, (g + 1) * cf)
+            if latent:
+                outs[b][:, :, fs] = m.unpatchify((r - x_in) / self._step_size(info, g), cf)
+            else:
+                outs[b][:, :, fs] = m.output(r, temb[g][0], fidx, xg, sg)
+        return outs
+
+    def _run_branches(self, info: IterationInfo,
+                      parts: dict[str, list[tuple[int, Tensor, Optional[Tensor]]]],
+                      temb: dict, conds: Mapping[str, Tensor]) -> dict[str, dict[int, Tensor]]:
+        """:meth:`_run_group` for several branches: ``{branch: {g: h_out}}``.
+
+        One forward with the branches stacked along the batch when every branch has the same
+        parts (chunks, and token subsets) and the branches share stacked K/V buffers; else
+        one forward per branch (each exactly as :meth:`_chunked` would run it).
+        """
+        branches = [b for b in parts if parts[b]]
+        joint = self._kv_joint
+        first = parts[branches[0]] if branches else []
+        if len(branches) > 1 and joint is not None and joint[0] == tuple(parts) \
+                and len(branches) == len(parts) \
+                and all(_same_parts(first, parts[b]) for b in branches[1:]):
+            stacked = [(g, torch.cat([parts[b][j][1] for b in branches]), t)
+                       for j, (g, _h, t) in enumerate(first)]
+            hs = self._run_group(info, stacked, temb, torch.cat([conds[b] for b in branches]),
+                                 joint[1], [self._slot_state[b] for b in branches])
+            n = self.batch
+            return {b: {g: h[i * n:(i + 1) * n] for g, h in hs.items()}
+                    for i, b in enumerate(branches)}
+        return {b: self._run_group(info, parts[b], temb, conds[b], self._kv[b],
+                                   [self._slot_state[b]]) for b in branches}
+
     def _run_group(self, info: IterationInfo, parts: list[tuple[int, Tensor, Optional[Tensor]]],
-                   temb: dict, cond: Tensor) -> dict[int, Tensor]:
+                   temb: dict, cond: Tensor, kv: list[tuple[Tensor, Tensor]],
+                   slot_states: list[list[Optional[ChunkState]]]) -> dict[int, Tensor]:
         """The block stack on the tokens of several chunks at once; returns ``{g: h_out}``.
 
         ``parts`` ``(g, h, tokens)`` sorted by chunk: all tokens (``tokens`` None) or a subset.
         Every token uses its frame's modulation and its true RoPE position, writes its keys
-        and values into chunk ``g``'s slot, and attends to every slot ``<= g`` (block-causal):
-        exactly what running the chunks one by one in chunk order does.
+        and values into chunk ``g``'s slot of ``kv``, and attends to every slot ``<= g``
+        (block-causal): exactly what running the chunks one by one in chunk order does. The
+        batch of ``h``, ``cond`` and ``kv`` may hold several branches stacked (their slot
+        states are all in ``slot_states``).
         """
         m, cfg = self.model, self.cfg
         cf, n_chunk = cfg.chunk_frames, cfg.chunk_frames * cfg.tokens_per_frame
         dev = parts[0][1].device
-        kv = self._kv[info.branch]
-        slot_state = self._slot_state[info.branch]
         cos_all, sin_all = (t.to(dev) for t in m.rope(self._frames))
         local = torch.arange(n_chunk, device=dev)
         fidx_chunk = m.frame_index(cf).to(dev)
@@ -454,6 +687,7 @@ class RefDiTSession:
         pos_all = torch.cat(pos)
         f_all = torch.cat(fidx)
         e0 = torch.cat(e0s, dim=1) if len(e0s) > 1 else e0s[0]
+        e0 = _repeat_batch(e0, h.shape[0] // e0.shape[0])
         cos, sin = cos_all[pos_all], sin_all[pos_all]
         end = (parts[-1][0] + 1) * n_chunk
         # query of chunk g sees keys of slots 0..g; one part alone sees all of 0..end
@@ -468,8 +702,9 @@ class RefDiTSession:
                 vbuf.index_copy_(2, pos_all, v)
                 return kbuf[:, :, :end], vbuf[:, :, :end]
             h = block(h, e0, f_all, cos, sin, cond, kv_fn=kv_fn, mask=mask)
-        for g, _h, _t in parts:
-            slot_state[g] = info.states[g]
+        for slot_state in slot_states:
+            for g, _h, _t in parts:
+                slot_state[g] = info.states[g]
         return dict(zip((g for g, _h, _t in parts), h.split(sizes, dim=1)))
 
     def _chunk_time_embedding(self, sg: Tensor) -> tuple[Tensor, Tensor]:
@@ -483,6 +718,26 @@ class RefDiTSession:
         if hit is None:
             hit = self._temb[key] = self.model.time_embedding(sg)
         return hit
+
+
+def _same_parts(a: list[tuple[int, Tensor, Optional[Tensor]]],
+                b: list[tuple[int, Tensor, Optional[Tensor]]]) -> bool:
+    """Do two branches' parts run the same chunks at the same tokens?"""
+    return len(a) == len(b) and all(
+        ga == gb and (ta is None) == (tb is None) and (ta is None or torch.equal(ta, tb))
+        for (ga, _ha, ta), (gb, _hb, tb) in zip(a, b))
+
+
+def _cat_batch(ts: Sequence[Tensor]) -> Tensor:
+    return torch.cat(list(ts)) if len(ts) > 1 else ts[0]
+
+
+def _repeat_batch(e0: Tensor, n: int) -> Tensor:
+    """Per-sample modulation ``[B, ...]`` for ``n`` branches stacked along the batch: a batch
+    of one broadcasts as it is; larger batches are repeated (branch-major, like the inputs)."""
+    if n == 1 or e0.shape[0] == 1:
+        return e0
+    return e0.repeat(n, *([1] * (e0.dim() - 1)))
 
 
 def _check_subset(h: Tensor, tokens: Tensor, n: int) -> None:

@@ -52,7 +52,7 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
     args = t.to(torch.float64)[..., None] * freqs.to(t.device)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(torch.float32)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
