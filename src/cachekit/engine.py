@@ -14,10 +14,11 @@ The engine then
 4. stores the residual ``R = h_out - h_in`` (all tokens, or the subset), lets the policy
    observe the outcome, records statistics and notifies ``on_step_end`` plugins.
 
-An adapter that runs several chunks of one iteration as a single forward calls
-:meth:`CacheEngine.run_chunks` instead: steps 1-2 for every chunk, one block-stack run for
-all of them, then steps 3-4 for every chunk, in chunk order (same results as one call per
-chunk; a policy that needs strict per-chunk order sets ``batch_chunks = False``).
+An adapter that runs several chunks of one iteration (of one or several guidance branches)
+as a single forward calls :meth:`CacheEngine.run_chunks` instead: steps 1-2 for every chunk,
+one block-stack run for all of them, then steps 3-4 for every chunk, in order (same results
+as one call per chunk; a policy that needs strict per-chunk order sets
+``batch_chunks = False``).
 
 Guards against the silent failures caching libraries keep hitting (each has a test):
 
@@ -181,12 +182,15 @@ class CacheEngine:
 
     def run_chunks(self, calls: Sequence[ChunkCall], h_ins: Sequence[torch.Tensor],
                    run: GroupRunner, probes: Sequence[Probe]) -> list[torch.Tensor]:
-        """The hook for several chunks of one iteration and branch run as ONE forward.
+        """The hook for several chunks of one iteration run as ONE forward.
 
-        Same result as calling the engine once per chunk in chunk order (``engine(call, h,
-        run_g, probe)`` for each), but the blocks run once: the policy decides every chunk
-        first (in chunk order), ``run(parts)`` computes what the decisions ask for, and then
-        each chunk's outcome is stored and observed (in chunk order). ``parts`` lists
+        The calls may belong to several guidance branches (an adapter that stacks cond and
+        uncond, e.g. the bundled model's ``velocities``): state stays per (branch, chunk), so
+        that is the same as one ``run_chunks`` per branch. Same result as calling the engine
+        once per call in the given order (``engine(call, h, run_g, probe)`` for each), but the
+        blocks run once: the policy decides every call first (in order), ``run(parts)``
+        computes what the decisions ask for, and then each call's outcome is stored and
+        observed (in order). ``parts`` lists
         ``(i, h, tokens)`` for each chunk ``i`` (an index into ``calls``) that computes:
         ``tokens`` is None for all tokens, else the sorted subset and ``h`` its inputs; ``run``
         returns one output per part, same shapes. Chunks that reuse everything are not in

@@ -251,7 +251,7 @@ class RefDiTSession:
             return {b: one(x, sigma, conds[b], infos[b]) for b in branches}
         if self.mode == "vanilla":
             return self._vanilla_joint(x, sigma, conds, infos)
-        return self._chunked_joint(x, sigma, conds, infos)
+        return self._chunked_grouped(x, sigma, conds, infos)
 
     def _check_call(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo) -> None:
         if self._window is None:
@@ -282,10 +282,10 @@ class RefDiTSession:
         m = self.model
         frames = x.shape[2]
         e, e0 = m.time_embedding(sigma)
-        fidx = m.frame_index(frames).to(x.device)
         cos, sin = (t.to(x.device) for t in m.rope(frames))
         mask = m.block_causal_mask(frames).to(x.device)
-        return e, e0, fidx, cos, sin, mask
+        # frame_of_token None: the whole window, frame-major (modulation broadcast per frame)
+        return e, e0, None, cos, sin, mask
 
     def _window_call(self, x: Tensor, sigma: Tensor, e0: Tensor,
                      info: IterationInfo) -> tuple[ChunkCall, Probe]:
@@ -395,13 +395,13 @@ class RefDiTSession:
         out = torch.zeros_like(x)
         if not info.active_chunks():
             return out
+        if self._grouped:
+            return self._chunked_grouped(x, sigma, {info.branch: cond}, {info.branch: info})[
+                info.branch]
         self._buffers(info.branch, x)
         _active, todo = self._active_and_todo(info)
-        if self._grouped:
-            self._chunked_grouped(x, sigma, cond, info, todo, out)
-        else:
-            for g in todo:
-                self._chunked_one(x, sigma, cond, info, g, out)
+        for g in todo:
+            self._chunked_one(x, sigma, cond, info, g, out)
         return out
 
     def _chunk_view(self, x: Tensor, sigma: Tensor, g: int) -> tuple[Tensor, Tensor]:
@@ -435,8 +435,10 @@ class RefDiTSession:
                sg: Tensor, ds: float) -> Tensor:
         """latent_delta: the chunk's latent tokens (all, or the subset ``tokens``) after this
         step's Euler update, from the blocks' output ``h``."""
-        fidx = self.model.frame_index(self.cfg.chunk_frames).to(x_tok.device)
-        ft = fidx if tokens is None else fidx[tokens.to(fidx.device)]
+        ft = None
+        if tokens is not None:
+            fidx = self.model.frame_index(self.cfg.chunk_frames).to(x_tok.device)
+            ft = fidx[tokens.to(fidx.device)]
         return x_tok + ds * self.model.token_velocity(h, e, ft, x_tok, sg)
 
     def _chunked_one(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo, g: int,
@@ -457,7 +459,7 @@ class RefDiTSession:
             run(m.embed(xg))  # context only: fill slot g, the head output is never used
             return
         if self.hook is None:
-            out[:, :, fs] = m.output(run(m.embed(xg)), e, fidx, xg, sg)
+            out[:, :, fs] = m.output(run(m.embed(xg)), e, None, xg, sg)
             return
         call, probe = self._call_and_probe(info, g, xg, sg, e0)
         if self._space == "latent_delta":
@@ -470,85 +472,21 @@ class RefDiTSession:
             x_new = self.hook(call, x_tok, run_latent, probe)
             out[:, :, fs] = m.unpatchify((x_new - x_tok) / ds, cfg.chunk_frames)
         else:
-            out[:, :, fs] = m.output(self.hook(call, m.embed(xg), run, probe), e, fidx, xg, sg)
+            out[:, :, fs] = m.output(self.hook(call, m.embed(xg), run, probe), e, None, xg, sg)
 
-    def _chunked_grouped(self, x: Tensor, sigma: Tensor, cond: Tensor, info: IterationInfo,
-                         todo: list[int], out: Tensor) -> None:
-        """Every chunk in ``todo`` through ONE block-stack forward (see ``_grouped``).
+    def _chunked_grouped(self, x: Tensor, sigma: Tensor, conds: Mapping[str, Tensor],
+                         infos: Mapping[str, IterationInfo]) -> dict[str, Tensor]:
+        """Chunked mode with chunk batching, for one branch (:meth:`velocity`) or several
+        (:meth:`velocities`): every chunk of the iteration that needs the blocks, of every
+        branch, through one :meth:`_run_branches` (one forward, the branches stacked where
+        their work agrees).
 
         Context chunks (refreshes) join with all their tokens and their output is dropped;
-        active chunks go through the hook's ``run_chunks`` (or run whole without a hook). In
-        ``latent_delta`` space the hook sees latent tokens and the runner wraps embedding, head
-        and Euler update around the shared forward, as the one-by-one path does.
-        """
-        m, cfg = self.model, self.cfg
-        cf = cfg.chunk_frames
-        fidx = m.frame_index(cf).to(x.device)
-        views = {g: self._chunk_view(x, sigma, g) for g in todo}
-        temb = {g: self._chunk_time_embedding(views[g][1]) for g in todo}
-        active = [g for g in todo if info.states[g] is ChunkState.ACTIVE]
-        refresh = [(g, m.embed(views[g][0]), None) for g in todo
-                   if info.states[g] is not ChunkState.ACTIVE]
-        latent = self.hook is not None and self._space == "latent_delta"
-
-        def run_parts(parts: list[tuple[int, Tensor, Optional[Tensor]]]) -> list[Tensor]:
-            # parts: (chunk g, input, tokens) of active chunks; input = latent tokens in
-            # latent_delta space, block inputs otherwise
-            spec = [(g, m.patch_embed(h) if latent else h, t) for g, h, t in parts]
-            hs = self._run_group(info, sorted(spec + refresh, key=lambda p: p[0]), temb, cond,
-                                 self._kv[info.branch], [self._slot_state[info.branch]])
-            outs = [hs[g] for g, _h, _t in parts]
-            if not latent:
-                return outs
-            res = []
-            for (g, xt, t), h in zip(parts, outs):
-                res.append(self._euler(xt, h, t, temb[g][0], views[g][1],
-                                       self._step_size(info, g)))
-            return res
-
-        kv, slots = self._kv[info.branch], [self._slot_state[info.branch]]
-        if self.hook is None:
-            hs = self._run_group(info, sorted([(g, m.embed(views[g][0]), None) for g in active]
-                                              + refresh, key=lambda p: p[0]), temb, cond,
-                                 kv, slots)
-            for g in active:
-                xg, sg = views[g]
-                out[:, :, g * cf:(g + 1) * cf] = m.output(hs[g], temb[g][0], fidx, xg, sg)
-            return
-        if not active:
-            self._run_group(info, refresh, temb, cond, kv, slots)
-            return
-        if latent:  # refuse missing step sizes before any policy decides
-            for g in active:
-                self._step_size(info, g)
-        calls, probes, ins = [], [], []
-        for g in active:
-            xg, sg = views[g]
-            call, probe = self._call_and_probe(info, g, xg, sg, temb[g][1])
-            calls.append(call)
-            probes.append(probe)
-            ins.append(m.patchify(xg) if latent else m.embed(xg))
-
-        def group(parts):
-            return run_parts([(active[i], h, t) for i, h, t in parts])
-
-        results = self.hook.run_chunks(calls, ins, group, probes)
-        for g, x_in, r in zip(active, ins, results):
-            xg, sg = views[g]
-            fs = slice(g * cf, (g + 1) * cf)
-            if latent:
-                out[:, :, fs] = m.unpatchify((r - x_in) / self._step_size(info, g), cf)
-            else:
-                out[:, :, fs] = m.output(r, temb[g][0], fidx, xg, sg)
-
-    def _chunked_joint(self, x: Tensor, sigma: Tensor, conds: Mapping[str, Tensor],
-                       infos: Mapping[str, IterationInfo]) -> dict[str, Tensor]:
-        """:meth:`velocities` in chunked mode: every branch's chunks of the iteration through
-        one :meth:`_run_branches` (one stacked forward where the branches' work agrees).
-
-        The same steps as :meth:`_chunked_grouped` per branch: context refreshes join with all
-        their tokens, active chunks go through the hook's ``run_chunks`` (one call per branch
-        and chunk, branch-major) or run whole without a hook.
+        active chunks go through the hook's ``run_chunks`` (one call per branch and chunk,
+        branch-major) or run whole without a hook. In ``latent_delta`` space the hook sees
+        latent tokens and the runner wraps embedding, head and Euler update around the
+        shared forward, as the one-by-one path does. The output head runs once for all
+        active chunks of all branches (:meth:`_heads`).
         """
         m, cfg = self.model, self.cfg
         cf = cfg.chunk_frames
@@ -557,14 +495,14 @@ class RefDiTSession:
         outs = {b: torch.zeros_like(x) for b in branches}
         if not info.active_chunks():
             return outs
-        self._joint_buffers(branches, x)
+        if len(branches) > 1:
+            self._joint_buffers(branches, x)
         for b in branches:
             self._buffers(b, x)
         todo = {}
         for b in branches:
             active, todo[b] = self._active_and_todo(infos[b])
         chunks = sorted(set().union(*todo.values()))
-        fidx = m.frame_index(cf).to(x.device)
         views = {g: self._chunk_view(x, sigma, g) for g in chunks}
         temb = {g: self._chunk_time_embedding(views[g][1]) for g in chunks}
         latent = self.hook is not None and self._space == "latent_delta"
@@ -581,11 +519,8 @@ class RefDiTSession:
             hs = self._run_branches(info, {b: by_chunk([(g, embedded[g], None) for g in active]
                                                        + refresh[b]) for b in branches},
                                     temb, conds)
-            for b in branches:
-                for g in active:
-                    xg, sg = views[g]
-                    outs[b][:, :, g * cf:(g + 1) * cf] = m.output(hs[b][g], temb[g][0], fidx,
-                                                                  xg, sg)
+            self._heads(x, sigma, temb, {(b, g): hs[b][g] for b in branches for g in active},
+                        branches, active, outs)
             return outs
         if latent:  # refuse missing step sizes before any policy decides
             for g in active:
@@ -616,14 +551,36 @@ class RefDiTSession:
             return res
 
         results = self.hook.run_chunks(calls, ins, group, probes)
+        if not latent:
+            self._heads(x, sigma, temb, dict(zip(where, results)), branches, active, outs)
+            return outs
         for (b, g), x_in, r in zip(where, ins, results):
-            xg, sg = views[g]
             fs = slice(g * cf, (g + 1) * cf)
-            if latent:
-                outs[b][:, :, fs] = m.unpatchify((r - x_in) / self._step_size(info, g), cf)
-            else:
-                outs[b][:, :, fs] = m.output(r, temb[g][0], fidx, xg, sg)
+            outs[b][:, :, fs] = m.unpatchify((r - x_in) / self._step_size(info, g), cf)
         return outs
+
+    def _heads(self, x: Tensor, sigma: Tensor, temb: dict, hs: dict[tuple[str, int], Tensor],
+               branches: list[str], active: list[int], outs: dict[str, Tensor]) -> None:
+        """The output head (velocity) of every active chunk of every branch, written into
+        ``outs``: one head call over the chunks' tokens with the branches stacked when the
+        active chunks are consecutive (as every diffusion-forcing schedule makes them),
+        else one call per chunk and branch."""
+        m, cf, n = self.model, self.cfg.chunk_frames, self.batch
+        g0, g1 = active[0], active[-1]
+        if active != list(range(g0, g1 + 1)):
+            for (b, g), h in hs.items():
+                xg, sg = self._chunk_view(x, sigma, g)
+                outs[b][:, :, g * cf:(g + 1) * cf] = m.output(h, temb[g][0], None, xg, sg)
+            return
+        fs = slice(g0 * cf, (g1 + 1) * cf)
+        nb = len(branches)
+        h = _cat_batch([torch.cat([hs[b, g] for g in active], dim=1) if len(active) > 1
+                        else hs[b, g0] for b in branches])
+        e = torch.cat([temb[g][0] for g in active], dim=1) if len(active) > 1 else temb[g0][0]
+        v = m.output(h, _repeat_batch(e, nb), None, _repeat_batch(x[:, :, fs], nb),
+                     _repeat_batch(sigma[:, fs], nb))
+        for i, b in enumerate(branches):
+            outs[b][:, :, fs] = v[i * n:(i + 1) * n] if nb > 1 else v
 
     def _run_branches(self, info: IterationInfo,
                       parts: dict[str, list[tuple[int, Tensor, Optional[Tensor]]]],
@@ -685,7 +642,8 @@ class RefDiTSession:
             sizes.append(h.shape[1])
         h = torch.cat(hs, dim=1) if len(hs) > 1 else hs[0]
         pos_all = torch.cat(pos)
-        f_all = torch.cat(fidx)
+        # all parts whole: their tokens are every stacked frame in order (broadcast path)
+        f_all = None if all(t is None for _g, _h, t in parts) else torch.cat(fidx)
         e0 = torch.cat(e0s, dim=1) if len(e0s) > 1 else e0s[0]
         e0 = _repeat_batch(e0, h.shape[0] // e0.shape[0])
         cos, sin = cos_all[pos_all], sin_all[pos_all]
@@ -783,7 +741,7 @@ class _ChunkRunner:
             if h.shape[1] != self.num_tokens:
                 raise ConfigError(invalid_value("h", f"[B, N={self.num_tokens}, D]",
                                                 list(h.shape)))
-            fidx, cos, sin = self.fidx, self.cos, self.sin
+            fidx, cos, sin = None, self.cos, self.sin   # the whole chunk, frame-major
 
             def write(buf: Tensor, new: Tensor) -> None:
                 buf[:, :, self.start:end] = new

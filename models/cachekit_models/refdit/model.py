@@ -55,6 +55,23 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
 
 
+def frame_rows(t: Tensor, frame_of_token: Optional[Tensor]) -> Tensor:
+    """Per-frame rows ``t`` ``[B, F, ...]`` for each token: gathered to ``[B, N, ...]`` by
+    ``frame_of_token`` ``[N]``, or, with None (tokens in frame-major order, the same number
+    per frame), ``[B, F, 1, ...]`` to broadcast over :func:`by_frame` views (no copy)."""
+    return t[:, :, None] if frame_of_token is None else t[:, frame_of_token]
+
+
+def by_frame(x: Tensor, frames: int, frame_of_token: Optional[Tensor]) -> Tensor:
+    """``x`` ``[B, N, ...]`` as ``[B, F, N/F, ...]`` for frame-major tokens (None), else as is."""
+    return x.unflatten(1, (frames, -1)) if frame_of_token is None else x
+
+
+def by_token(x: Tensor, frame_of_token: Optional[Tensor]) -> Tensor:
+    """Inverse of :func:`by_frame`."""
+    return x.flatten(1, 2) if frame_of_token is None else x
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate consecutive pairs of ``x`` ``[B, N, H, d]`` by angles given as ``cos/sin`` ``[N, d/2]``."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)          # [B, N, H, d/2] each
@@ -120,24 +137,35 @@ class RefDiTBlock(nn.Module):
         # Wan: each block owns a learned [6, D] offset added to the shared time modulation.
         self.modulation = nn.Parameter(torch.randn(6, d) / d ** 0.5)
 
-    def forward(self, x: Tensor, e0: Tensor, frame_of_token: Tensor, cos: Tensor, sin: Tensor,
-                ctx: Tensor, kv_fn: KVFn = _identity_kv, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, e0: Tensor, frame_of_token: Optional[Tensor], cos: Tensor,
+                sin: Tensor, ctx: Tensor, kv_fn: KVFn = _identity_kv,
+                mask: Optional[Tensor] = None) -> Tensor:
         """Run the block on ``N`` tokens.
 
         ``x`` ``[B, N, D]``; ``e0`` ``[B, F, 6, D]`` per-frame modulation; ``frame_of_token``
         ``[N]`` long (index into ``e0``'s frames for each token; gathered, never sliced, so any
-        token subset gets its own frame's modulation); ``cos/sin`` ``[N, head_dim/2]`` RoPE at
-        the tokens' true positions; ``ctx`` ``[B, L, D]`` condition tokens; ``kv_fn`` and
-        ``mask`` select what the tokens attend to. Returns a new ``[B, N, D]`` (no in-place
-        update of ``x``).
+        token subset gets its own frame's modulation), or None when the tokens are all of
+        ``e0``'s frames in frame-major order (the modulation then broadcasts per frame: the
+        same numbers without gathering a ``[B, N, 6, D]`` copy); ``cos/sin``
+        ``[N, head_dim/2]`` RoPE at the tokens' true positions; ``ctx`` ``[B, L, D]``
+        condition tokens; ``kv_fn`` and ``mask`` select what the tokens attend to. Returns a
+        new ``[B, N, D]`` (no in-place update of ``x``).
         """
-        mod = (e0 + self.modulation)[:, frame_of_token]              # [B, N, 6, D]
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(2)
-        y = self.self_attn(self.norm1(x) * (1 + scale_a) + shift_a, cos, sin, kv_fn, mask)
-        x = x + y * gate_a
+        fot, frames = frame_of_token, e0.shape[1]
+        mod = frame_rows(e0 + self.modulation, fot)         # [B, N, 6, D] or [B, F, 1, 6, D]
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(-2)
+
+        def modulate(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+            return by_token(by_frame(t, frames, fot) * (1 + scale) + shift, fot)
+
+        def gated(t: Tensor, gate: Tensor) -> Tensor:
+            return by_token(by_frame(t, frames, fot) * gate, fot)
+
+        y = self.self_attn(modulate(self.norm1(x), scale_a, shift_a), cos, sin, kv_fn, mask)
+        x = x + gated(y, gate_a)
         x = x + self.cross_attn(self.norm3(x), ctx)
-        y = self.ffn(self.norm2(x) * (1 + scale_f) + shift_f)
-        return x + y * gate_f
+        y = self.ffn(modulate(self.norm2(x), scale_f, shift_f))
+        return x + gated(y, gate_f)
 
 
 class RefDiT(nn.Module):
@@ -248,14 +276,16 @@ class RefDiT(nn.Module):
         return self.null_cond[None].expand(batch, -1, -1)
 
     # -- forward ---------------------------------------------------------------------------------
-    def run_head(self, h: Tensor, e: Tensor, frame_of_token: Tensor) -> Tensor:
-        """Output head on tokens: ``h`` ``[B, N, D]``, ``e`` ``[B, F, D]`` -> ``[B, N, C*p*p]``."""
-        mod = (self.head_modulation + e[:, :, None, :])[:, frame_of_token]   # [B, N, 2, D]
-        shift, scale = mod.unbind(2)
-        return self.head(self.head_norm(h) * (1 + scale) + shift)
+    def run_head(self, h: Tensor, e: Tensor, frame_of_token: Optional[Tensor]) -> Tensor:
+        """Output head on tokens: ``h`` ``[B, N, D]``, ``e`` ``[B, F, D]`` -> ``[B, N, C*p*p]``
+        (``frame_of_token`` as in :meth:`RefDiTBlock.forward`)."""
+        mod = frame_rows(self.head_modulation + e[:, :, None, :], frame_of_token)
+        shift, scale = mod.unbind(-2)
+        hf = by_frame(self.head_norm(h), e.shape[1], frame_of_token)
+        return self.head(by_token(hf * (1 + scale) + shift, frame_of_token))
 
-    def token_velocity(self, h: Tensor, e: Tensor, frame_of_token: Tensor, x_tokens: Tensor,
-                       sigma: Tensor) -> Tensor:
+    def token_velocity(self, h: Tensor, e: Tensor, frame_of_token: Optional[Tensor],
+                       x_tokens: Tensor, sigma: Tensor) -> Tensor:
         """Velocity per token ``[B, N, C*p*p]`` from final hidden states ``h`` ``[B, N, D]``.
 
         ``x_tokens`` ``[B, N, C*p*p]`` are the same tokens of the noisy input (patchified),
@@ -265,18 +295,20 @@ class RefDiT(nn.Module):
         out = self.run_head(h, e, frame_of_token)
         if self.cfg.prediction == "v":
             return out
-        s = sigma[:, frame_of_token].clamp(min=self.cfg.sigma_min)[:, :, None]
-        return (x_tokens - out) / s
+        s = frame_rows(sigma, frame_of_token).clamp(min=self.cfg.sigma_min)[..., None]
+        frames = sigma.shape[1]
+        diff = by_frame(x_tokens - out, frames, frame_of_token)
+        return by_token(diff / s, frame_of_token)
 
-    def output(self, h: Tensor, e: Tensor, frame_of_token: Tensor, x: Tensor,
+    def output(self, h: Tensor, e: Tensor, frame_of_token: Optional[Tensor], x: Tensor,
                sigma: Tensor) -> Tensor:
         """:meth:`token_velocity` for every token of ``x`` ``[B, C, F, H, W]``, as a video
         ``[B, C, F, H, W]``."""
         v = self.token_velocity(h, e, frame_of_token, self.patchify(x), sigma)
         return self.unpatchify(v, x.shape[2])
 
-    def run_blocks(self, h: Tensor, e0: Tensor, frame_of_token: Tensor, cos: Tensor, sin: Tensor,
-                   ctx: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def run_blocks(self, h: Tensor, e0: Tensor, frame_of_token: Optional[Tensor], cos: Tensor,
+                   sin: Tensor, ctx: Tensor, mask: Optional[Tensor]) -> Tensor:
         """The block stack on ``h`` ``[B, N, D]`` with a plain attention mask (no cache)."""
         for block in self.blocks:
             h = block(h, e0, frame_of_token, cos, sin, ctx, mask=mask)
@@ -287,11 +319,11 @@ class RefDiT(nn.Module):
         ``[B, F]``, ``ctx`` ``[B, L, D]`` -> velocity ``[B, C, F, H, W]``."""
         frames = x.shape[2]
         e, e0 = self.time_embedding(sigma)
-        fidx = self.frame_index(frames).to(x.device)
         cos, sin = (t.to(x.device) for t in self.rope(frames))
-        h = self.run_blocks(self.embed(x), e0, fidx, cos, sin, ctx,
+        # frame_of_token None: every frame's tokens in order (modulation broadcast per frame)
+        h = self.run_blocks(self.embed(x), e0, None, cos, sin, ctx,
                             self.block_causal_mask(frames).to(x.device))
-        return self.output(h, e, fidx, x, sigma)
+        return self.output(h, e, None, x, sigma)
 
     # -- cost model ------------------------------------------------------------------------------
     def block_flops(self, q_tokens: int, kv_tokens: int, batch: int = 1) -> int:
