@@ -39,10 +39,11 @@ _VANILLA_SUBSET = ("refdit vanilla mode runs the whole window as one sequence; t
                    "reuse (run(h, tokens)) needs mode='chunked'.")
 # Sampler defaults for the bundled model: 50 steps and ar_step 5 as the MotionCache paper's
 # SkyReels-V2 run (caching results depend on the step count: the warm-up and phase-1 steps are
-# fixed counts); shift 2 and CFG 3 were chosen by eye on sample sheets of seeds 7 and 8 (CFG
-# 1.5 lets sprites fade in later chunks, CFG 5 burns them; the x0-predicting model changes
-# little with the shift or the step count).
-DEFAULT_STEPS, DEFAULT_AR_STEP, DEFAULT_SHIFT, DEFAULT_GUIDANCE = 50, 5, 2.0, 3.0
+# fixed counts); shift 2 and CFG 2 chosen by eye for the shipped weights on sheets like
+# `python -m cachekit_models.refdit.diagnose guidance --scales 1.5,2,2.5,3 --seeds 0-9` (and
+# CFG 5, shift 1 and 4 on seeds 0-5): CFG 3 and above make sprite outlines ragged ("burnt"),
+# CFG 1.5 lets fast sprites lose pieces; the shift changed little.
+DEFAULT_STEPS, DEFAULT_AR_STEP, DEFAULT_SHIFT, DEFAULT_GUIDANCE = 50, 5, 2.0, 2.0
 _CONTEXT_STATES = (ChunkState.FINISHED, ChunkState.PREFIX)
 
 

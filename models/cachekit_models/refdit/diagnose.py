@@ -13,6 +13,16 @@
     group of rows: the continuation from 4 real frames, from 8, then the real video (dark
     frame). A model that tracks the sprite continues it from where the prefix left it.
 
+``python -m cachekit_models.refdit.diagnose guidance [--scales 2,3] [--seeds 0-5] --out PNG``
+    The default sampler (core ``generate``, chunked) at each guidance scale, for the random
+    conditions of a few seeds (what ``cachekit generate --seed N`` draws): one block of rows
+    per scale, one row per seed, a label on each row. How the default CFG was chosen.
+
+``python -m cachekit_models.refdit.diagnose samples --out PNG``
+    Redraw the model card's ``samples_df.png`` (what the trainer's export draws: the card's
+    conditions through the core sampler with the adapter's default settings, next to real
+    videos) for given weights, e.g. after a change of the default sampler.
+
 Without ``--weights``/``--checkpoint`` the bundled weights are used; ``--checkpoint`` reads
 the EMA weights of a training checkpoint (``train.py --out DIR`` writes ``DIR/ckpt.pt``).
 """
@@ -143,6 +153,32 @@ def continuation_sheet(adapter: RefDiTAdapter, path: Path,
     return path
 
 
+def guidance_sheet(adapter: RefDiTAdapter, path: Path, scales: Sequence[float] = (2.0, 3.0),
+                   seeds: Sequence[int] = tuple(range(6))) -> Path:
+    """The ``guidance`` check as a PNG: for each scale, one row per seed's random condition,
+    sampled with the adapter's default sampler at that guidance scale (seed = noise seed)."""
+    from cachekit.io import contact_sheet
+    from cachekit.sampling import generate
+
+    rows, labels = [], []
+    for g in scales:
+        sampler = adapter.default_sampler().evolve(guidance_scale=float(g))
+        for seed in seeds:
+            cond, uncond, _text = adapter.encode_prompt(None, seed=seed, batch=1)
+            video = generate(adapter, cond, uncond=uncond, config=sampler, seed=seed).video
+            rows.append(adapter.decode(video)[0])
+            labels.append(f"cfg {g:g} seed {seed}")
+    return contact_sheet(rows, path, upscale=2, labels=labels)
+
+
+def _numbers(text: str, kind=float) -> list:
+    """``"2,3"`` -> [2.0, 3.0]; ``"0-5"`` -> [0, ..., 5] (ints)."""
+    if kind is int and "-" in text:
+        lo, _, hi = text.partition("-")
+        return list(range(int(lo), int(hi) + 1))
+    return [kind(t) for t in text.split(",") if t.strip()]
+
+
 def _load(weights: Optional[str], checkpoint: Optional[str]) -> RefDiTAdapter:
     if checkpoint:
         ck = torch.load(checkpoint, weights_only=False)
@@ -159,18 +195,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cachekit_models.refdit.diagnose",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", choices=["context", "continue"])
+    p.add_argument("which", choices=["context", "continue", "guidance", "samples"])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", help="a refdit safetensors file (default: the bundled one)")
     src.add_argument("--checkpoint", help="a train.py checkpoint (its EMA weights)")
     p.add_argument("--out", default="out/diagnose/continue.png", help="continue: the PNG")
     p.add_argument("--videos", type=int, default=24, help="context: videos per sigma")
+    p.add_argument("--scales", default="2,3", help="guidance: comma-separated CFG scales")
+    p.add_argument("--seeds", default="0-5", help="guidance: seeds, 'A-B' or comma-separated")
     a = p.parse_args(argv)
     adapter = _load(a.weights, a.checkpoint)
     if a.which == "context":
         print("sigma  x0 MSE own context  x0 MSE other video's context")
         for sig, (own, other) in context_errors(adapter.model, videos=a.videos).items():
             print(f"{sig:5.2f}  {own:18.4f}  {other:28.4f}")
+    elif a.which == "samples":
+        from .train import card_videos, draw_df_samples
+
+        conds, real = card_videos(adapter.model.cfg, adapter.model.cfg.max_frames)
+        draw_df_samples(adapter.model, conds, real, Path(a.out))
+        print(f"wrote {a.out}")
+    elif a.which == "guidance":
+        path = guidance_sheet(adapter, Path(a.out), _numbers(a.scales), _numbers(a.seeds, int))
+        print(f"wrote {path}")
     else:
         print(f"wrote {continuation_sheet(adapter, Path(a.out))}")
     return 0

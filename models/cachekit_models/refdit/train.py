@@ -218,13 +218,19 @@ def export(model: RefDiT, export_dir: Path, meta: dict, loss_rows, frames: int) 
                 params=model.num_params(), file="refdit.safetensors")
     (wdir / "refdit.json").write_text(json.dumps(info, indent=2) + "\n")
     draw_loss_png(loss_rows, cdir / "loss.png")
-    conds = [Condition.parse(t) for t in SAMPLE_CONDITIONS]
+    conds, real = card_videos(model.cfg, frames)
     vids = preview_sample(model, conds, frames, seed=meta.get("seed", 0))
-    real = torch.stack([torch.from_numpy(make_video(c, 10_000 + i, frames, model.cfg.height,
-                                                    model.cfg.width)[0])
-                        for i, c in enumerate(conds)])
     draw_samples_png(vids, [str(c) for c in conds], cdir / "samples.png", real=real)
     draw_df_samples(model, conds, real, cdir / "samples_df.png")
+
+
+def card_videos(cfg: RefDiTConfig, frames: int) -> tuple[list[Condition], Tensor]:
+    """The card's sample conditions and, for comparison, a real video of each."""
+    conds = [Condition.parse(t) for t in SAMPLE_CONDITIONS]
+    real = torch.stack([torch.from_numpy(make_video(c, 10_000 + i, frames, cfg.height,
+                                                    cfg.width)[0])
+                        for i, c in enumerate(conds)])
+    return conds, real
 
 
 def draw_df_samples(model: RefDiT, conds: list[Condition], real: Tensor, path: Path) -> None:
