@@ -181,6 +181,8 @@ class RefDiTSession:
         # the timestep MLP runs once per level instead of at every call (same numbers: the
         # cached tensors are what the MLP returned for that input, and nobody writes to them)
         self._temb: dict[tuple[float, tuple[int, ...]], tuple[Tensor, Tensor]] = {}
+        # (chunks, sizes, device) -> the block-causal mask of a grouped forward (_group_mask)
+        self._masks: dict[tuple, Tensor] = {}
 
     # -- window lifecycle ------------------------------------------------------------------------
     def begin_window(self, window: int, num_frames: int) -> None:
@@ -195,6 +197,7 @@ class RefDiTSession:
         self._kv_joint = None
         self._slot_state.clear()
         self._temb.clear()
+        self._masks.clear()
 
     # -- one model call --------------------------------------------------------------------------
     @torch.no_grad()
@@ -624,47 +627,68 @@ class RefDiTSession:
         cf, n_chunk = cfg.chunk_frames, cfg.chunk_frames * cfg.tokens_per_frame
         dev = parts[0][1].device
         cos_all, sin_all = (t.to(dev) for t in m.rope(self._frames))
-        local = torch.arange(n_chunk, device=dev)
-        fidx_chunk = m.frame_index(cf).to(dev)
-        hs, pos, fidx, e0s, sizes = [], [], [], [], []
-        for j, (g, h, tokens) in enumerate(parts):
+        chunks = [g for g, _h, _t in parts]
+        whole = all(t is None for _g, _h, t in parts)
+        hs, e0s, sizes = [], [], []
+        for g, h, tokens in parts:
             if tokens is None:
                 if h.shape[1] != n_chunk:
                     raise ConfigError(invalid_value(f"h of chunk {g}", f"[B, N={n_chunk}, D]",
                                                     list(h.shape)))
-                tok = local
             else:
                 _check_subset(h, tokens, n_chunk)
-                tok = tokens.to(dev)
             hs.append(h)
-            pos.append(g * n_chunk + tok)
-            fidx.append(j * cf + fidx_chunk[tok])   # rows of the stacked e0 below
             e0s.append(temb[g][1])
             sizes.append(h.shape[1])
         h = torch.cat(hs, dim=1) if len(hs) > 1 else hs[0]
-        pos_all = torch.cat(pos)
-        # all parts whole: their tokens are every stacked frame in order (broadcast path)
-        f_all = None if all(t is None for _g, _h, t in parts) else torch.cat(fidx)
         e0 = torch.cat(e0s, dim=1) if len(e0s) > 1 else e0s[0]
         e0 = _repeat_batch(e0, h.shape[0] // e0.shape[0])
-        cos, sin = cos_all[pos_all], sin_all[pos_all]
-        end = (parts[-1][0] + 1) * n_chunk
-        # query of chunk g sees keys of slots 0..g; one part alone sees all of 0..end
-        mask = None
-        if len(parts) > 1:
-            q_end = torch.cat([torch.full((k,), (g + 1) * n_chunk, device=dev)
-                               for (g, _h, _t), k in zip(parts, sizes)])
-            mask = torch.arange(end, device=dev)[None, :] < q_end[:, None]
+        end = (chunks[-1] + 1) * n_chunk
+        span: Optional[slice] = None
+        if whole and chunks == list(range(chunks[0], chunks[-1] + 1)):
+            # consecutive whole chunks (every uncached iteration): one slice of positions,
+            # frame-major tokens (modulation broadcast), slice writes into the K/V slots
+            span = slice(chunks[0] * n_chunk, end)
+            pos_all, f_all = None, None
+            cos, sin = cos_all[span], sin_all[span]
+        else:
+            local = torch.arange(n_chunk, device=dev)
+            fidx_chunk = m.frame_index(cf).to(dev)
+            toks = [local if t is None else t.to(dev) for _g, _h, t in parts]
+            pos_all = torch.cat([g * n_chunk + t for g, t in zip(chunks, toks)])
+            # rows of the stacked e0; whole chunks only: every stacked frame in order
+            f_all = None if whole else torch.cat([j * cf + fidx_chunk[t]
+                                                  for j, t in enumerate(toks)])
+            cos, sin = cos_all[pos_all], sin_all[pos_all]
+        mask = self._group_mask(chunks, sizes, end, dev) if len(parts) > 1 else None
         for block, (kbuf, vbuf) in zip(m.blocks, kv):
             def kv_fn(k: Tensor, v: Tensor, kbuf=kbuf, vbuf=vbuf):
-                kbuf.index_copy_(2, pos_all, k)
-                vbuf.index_copy_(2, pos_all, v)
+                if span is not None:
+                    kbuf[:, :, span] = k
+                    vbuf[:, :, span] = v
+                else:
+                    kbuf.index_copy_(2, pos_all, k)
+                    vbuf.index_copy_(2, pos_all, v)
                 return kbuf[:, :, :end], vbuf[:, :, :end]
             h = block(h, e0, f_all, cos, sin, cond, kv_fn=kv_fn, mask=mask)
         for slot_state in slot_states:
-            for g, _h, _t in parts:
+            for g in chunks:
                 slot_state[g] = info.states[g]
-        return dict(zip((g for g, _h, _t in parts), h.split(sizes, dim=1)))
+        return dict(zip(chunks, h.split(sizes, dim=1)))
+
+    def _group_mask(self, chunks: list[int], sizes: list[int], end: int,
+                    dev: torch.device) -> Tensor:
+        """Block-causal mask ``[sum(sizes), end]`` of a grouped forward: a query of chunk
+        ``g`` sees key slots ``0..g``. Memoised per window by (chunks, sizes): a window
+        repeats the same few groups at every step."""
+        key = (tuple(chunks), tuple(sizes), str(dev))
+        mask = self._masks.get(key)
+        if mask is None:
+            n_chunk = self.cfg.chunk_frames * self.cfg.tokens_per_frame
+            q_end = torch.cat([torch.full((k,), (g + 1) * n_chunk, device=dev)
+                               for g, k in zip(chunks, sizes)])
+            mask = self._masks[key] = torch.arange(end, device=dev)[None, :] < q_end[:, None]
+        return mask
 
     def _chunk_time_embedding(self, sg: Tensor) -> tuple[Tensor, Tensor]:
         """``model.time_embedding(sg)``, memoised per window when every frame of the chunk (and
