@@ -352,7 +352,9 @@ class CacheEngine:
         self.policy.observe(call, p.probe, p.state,
                             Outcome(decision=decision, h_in=h_in_seen, h_out=h_out,
                                     computed_tokens=computed, num_tokens=n), p.memory)
-        record = CallRecord(self._window, call.iteration, call.branch, call.chunk, call.step,
+        window = self._window
+        assert window is not None  # _plan refused calls outside a window
+        record = CallRecord(window, call.iteration, call.branch, call.chunk, call.step,
                             kind.value, computed, n, decision.reason, block_s,
                             spent + block_s + (_perf() - t0))
         self._records.append(record)

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             sampler = SamplerConfig(num_frames=a.frames, num_steps=a.steps, ar_step=a.ar_step)
             rows = [overhead(a.model, a.repeats, sampler)]
         else:
-            cases = [_parse_case(c) for c in a.case] or [{}]
+            cases: list[dict[str, Any]] = [_parse_case(c) for c in a.case] or [{}]
             rows = [structure(a.model, a.repeats, **case) for case in cases]
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
