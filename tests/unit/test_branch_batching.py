@@ -7,6 +7,8 @@ from __future__ import annotations
 import attrs
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cachekit.engine import CacheEngine
 from cachekit.errors import ConfigError
@@ -199,3 +201,37 @@ def test_velocities_refuses_mismatched_infos():
 def test_branch_batching_option_is_validated():
     with pytest.raises(ConfigError, match="branch_batching"):
         RefDiTAdapter(tiny_model(1), branch_batching=1)
+
+
+# --- property: random decisions per (branch, chunk, step) --------------------------------------
+
+def _random_script(seed: int, p_reuse: float, p_subset: float):
+    """A scripted policy drawing, per (branch, chunk, step), compute / reuse / a random token
+    subset from ``seed`` (a pure function of the key, so both runs see the same decisions)."""
+    def script(call, state, memory):
+        if call.step == 0:
+            return Decision.compute("first")
+        g = torch.Generator().manual_seed(
+            seed * 7919 + call.step * 31 + call.chunk * 5 + (call.branch == "uncond"))
+        u = float(torch.rand(1, generator=g))
+        if u < p_reuse:
+            return Decision.reuse("scripted")
+        if u < p_reuse + p_subset:
+            n = call.num_tokens
+            keep = torch.rand(n, generator=g) < 0.5
+            return Decision.subset(torch.nonzero(keep).flatten(), n, "scripted")
+        return Decision.compute("scripted")
+    return script
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), p_reuse=st.floats(0.0, 0.6),
+       p_subset=st.floats(0.0, 0.4), latent=st.booleans())
+def test_stacked_equals_one_forward_per_branch_over_random_decisions(seed, p_reuse, p_subset,
+                                                                      latent):
+    space = "latent_delta" if latent else "residual"
+    script = _random_script(seed, p_reuse, p_subset)
+    a = _run(ScriptedPolicy(script, reuse_space=space), True, model_seed=seed % 5)
+    b = _run(ScriptedPolicy(script, reuse_space=space), False, model_seed=seed % 5)
+    torch.testing.assert_close(a.video, b.video, atol=1e-5, rtol=1e-5)
+    assert _records(a) == _records(b)
