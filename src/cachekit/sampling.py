@@ -159,6 +159,8 @@ def generate(adapter: Any, cond: torch.Tensor, *, config: SamplerConfig | None =
     :param uncond: encoded null condition; with ``guidance_scale != 1`` it runs as the
         ``uncond`` branch.
     :param engine: a :class:`~cachekit.engine.CacheEngine` or None (no cache, no hook).
+        With guidance, a session that has ``velocities`` (see :class:`cachekit.protocols.
+        ModelSession`) gets both branches of an iteration in one call.
     :param progress: True for a tqdm bar, or a callable ``(done, total)``.
     :return: the video ``[B, C, F, H, W]`` in model space and, with an engine, its summary.
     """
@@ -219,6 +221,11 @@ def generate(adapter: Any, cond: torch.Tensor, *, config: SamplerConfig | None =
                          for b in branches}
                 if joint is not None:
                     vs = joint(x, sigma, {b: conds[b] for b in branches}, infos)
+                    if not isinstance(vs, dict) or set(vs) != set(branches):
+                        raise ConfigError(invalid_value(
+                            f"{type(session).__name__}.velocities() result",
+                            f"a dict with one velocity per branch {branches}",
+                            sorted(vs) if isinstance(vs, dict) else type(vs).__name__))
                 else:
                     vs = {b: session.velocity(x, sigma, conds[b], infos[b]) for b in branches}
                 calls += len(branches)

@@ -235,3 +235,18 @@ def test_stacked_equals_one_forward_per_branch_over_random_decisions(seed, p_reu
     b = _run(ScriptedPolicy(script, reuse_space=space), False, model_seed=seed % 5)
     torch.testing.assert_close(a.video, b.video, atol=1e-5, rtol=1e-5)
     assert _records(a) == _records(b)
+
+
+def test_sampler_refuses_a_velocities_result_without_every_branch():
+    adapter = RefDiTAdapter(tiny_model(1))
+    real = adapter.session
+
+    def session(**kw):
+        sess = real(**kw)
+        sess.velocities = lambda x, sigma, conds, infos: {"cond": torch.zeros_like(x)}
+        return sess
+
+    adapter.session = session
+    with pytest.raises(ConfigError, match=r"velocities\(\) result"):
+        generate(adapter, adapter.encode_condition(CONDS), uncond=adapter.null_condition(BATCH),
+                 config=SAMPLER, seed=0)
