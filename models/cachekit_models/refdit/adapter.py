@@ -331,10 +331,9 @@ class RefDiTSession:
         h_in = m.embed(x)
 
         def run_stacked(which: list[int], hs: list[Tensor]) -> list[Tensor]:
-            ctx = _cat_batch([conds[branches[i]] for i in which])
-            out = m.run_blocks(_cat_batch(hs), _repeat_batch(e0, len(hs)), fidx, cos, sin,
-                               ctx, mask)
-            return list(out.split(self.batch)) if len(hs) > 1 else [out]
+            ctx = _cat([conds[branches[i]] for i in which])
+            out = m.run_blocks(_cat(hs), _repeat_batch(e0, len(hs)), fidx, cos, sin, ctx, mask)
+            return list(out.split(self.batch))
 
         if self.hook is None:
             h_outs = run_stacked(list(range(len(branches))), [h_in] * len(branches))
@@ -503,9 +502,8 @@ class RefDiTSession:
             self._joint_buffers(branches, x)
         for b in branches:
             self._buffers(b, x)
-        todo = {}
-        for b in branches:
-            active, todo[b] = self._active_and_todo(infos[b])
+        active = info.active_chunks()
+        todo = {b: self._active_and_todo(infos[b])[1] for b in branches}
         chunks = sorted(set().union(*todo.values()))
         views = {g: self._chunk_view(x, sigma, g) for g in chunks}
         temb = {g: self._chunk_time_embedding(views[g][1]) for g in chunks}
@@ -578,13 +576,12 @@ class RefDiTSession:
             return
         fs = slice(g0 * cf, (g1 + 1) * cf)
         nb = len(branches)
-        h = _cat_batch([torch.cat([hs[b, g] for g in active], dim=1) if len(active) > 1
-                        else hs[b, g0] for b in branches])
-        e = torch.cat([temb[g][0] for g in active], dim=1) if len(active) > 1 else temb[g0][0]
+        h = _cat([_cat([hs[b, g] for g in active], dim=1) for b in branches])
+        e = _cat([temb[g][0] for g in active], dim=1)
         v = m.output(h, _repeat_batch(e, nb), None, _repeat_batch(x[:, :, fs], nb),
                      _repeat_batch(sigma[:, fs], nb))
-        for i, b in enumerate(branches):
-            outs[b][:, :, fs] = v[i * n:(i + 1) * n] if nb > 1 else v
+        for b, vb in zip(branches, v.split(n)):
+            outs[b][:, :, fs] = vb
 
     def _run_branches(self, info: IterationInfo,
                       parts: dict[str, list[tuple[int, Tensor, Optional[Tensor]]]],
@@ -595,21 +592,19 @@ class RefDiTSession:
         parts (chunks, and token subsets) and the branches share stacked K/V buffers; else
         one forward per branch (each exactly as :meth:`_chunked` would run it).
         """
-        branches = [b for b in parts if parts[b]]
+        branches = list(parts)
         joint = self._kv_joint
-        first = parts[branches[0]] if branches else []
-        if len(branches) > 1 and joint is not None and joint[0] == tuple(parts) \
-                and len(branches) == len(parts) \
-                and all(_same_parts(first, parts[b]) for b in branches[1:]):
-            stacked = [(g, torch.cat([parts[b][j][1] for b in branches]), t)
+        first = parts[branches[0]]
+        if len(branches) > 1 and joint is not None and joint[0] == tuple(branches) \
+                and all(_same_parts(first, parts[b]) for b in branches[1:]) and first:
+            stacked = [(g, _cat([parts[b][j][1] for b in branches]), t)
                        for j, (g, _h, t) in enumerate(first)]
-            hs = self._run_group(info, stacked, temb, torch.cat([conds[b] for b in branches]),
+            hs = self._run_group(info, stacked, temb, _cat([conds[b] for b in branches]),
                                  joint[1], [self._slot_state[b] for b in branches])
-            n = self.batch
-            return {b: {g: h[i * n:(i + 1) * n] for g, h in hs.items()}
-                    for i, b in enumerate(branches)}
+            split = {g: h.split(self.batch) for g, h in hs.items()}
+            return {b: {g: hb[i] for g, hb in split.items()} for i, b in enumerate(branches)}
         return {b: self._run_group(info, parts[b], temb, conds[b], self._kv[b],
-                                   [self._slot_state[b]]) for b in branches}
+                                   [self._slot_state[b]]) for b in branches if parts[b]}
 
     def _run_group(self, info: IterationInfo, parts: list[tuple[int, Tensor, Optional[Tensor]]],
                    temb: dict, cond: Tensor, kv: list[tuple[Tensor, Tensor]],
@@ -640,8 +635,8 @@ class RefDiTSession:
             hs.append(h)
             e0s.append(temb[g][1])
             sizes.append(h.shape[1])
-        h = torch.cat(hs, dim=1) if len(hs) > 1 else hs[0]
-        e0 = torch.cat(e0s, dim=1) if len(e0s) > 1 else e0s[0]
+        h = _cat(hs, dim=1)
+        e0 = _cat(e0s, dim=1)
         e0 = _repeat_batch(e0, h.shape[0] // e0.shape[0])
         end = (chunks[-1] + 1) * n_chunk
         span: Optional[slice] = None
@@ -711,8 +706,9 @@ def _same_parts(a: list[tuple[int, Tensor, Optional[Tensor]]],
         for (ga, _ha, ta), (gb, _hb, tb) in zip(a, b))
 
 
-def _cat_batch(ts: Sequence[Tensor]) -> Tensor:
-    return torch.cat(list(ts)) if len(ts) > 1 else ts[0]
+def _cat(ts: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """``torch.cat`` that returns a lone tensor as it is (no copy)."""
+    return torch.cat(list(ts), dim=dim) if len(ts) > 1 else ts[0]
 
 
 def _repeat_batch(e0: Tensor, n: int) -> Tensor:
